@@ -1,0 +1,40 @@
+//! `rebound`: a thin binary over the library crates. Each command lives in
+//! `cmd/<name>.rs` with its own clap arguments and a `run` function.
+
+mod cmd;
+mod failure;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "rebound", version, about = "Site recovery for Linux and KVM workloads")]
+struct Cli {
+    /// Log filter (e.g. `info`, `rebound_delta=debug`); also RUST_LOG.
+    #[arg(long, global = true, env = "REBOUND_LOG", default_value = "warn")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print every error code with its meaning and remedy.
+    Errors(cmd::errors::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&cli.log))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+
+    let result = match cli.command {
+        Command::Errors(args) => cmd::errors::run(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => failure::report(&err),
+    }
+}
