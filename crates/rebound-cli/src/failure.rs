@@ -24,7 +24,10 @@ pub struct Failure {
 
 impl Failure {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Failure {
-        Failure { code, message: message.into() }
+        Failure {
+            code,
+            message: message.into(),
+        }
     }
 }
 
@@ -49,6 +52,12 @@ pub fn code_of(err: &anyhow::Error) -> Option<ErrorCode> {
             return Some(f.code);
         }
         if let Some(e) = cause.downcast_ref::<rebound_disk::DiskError>() {
+            return Some(e.code());
+        }
+        if let Some(e) = cause.downcast_ref::<rebound_delta::SyncError>() {
+            return Some(e.code());
+        }
+        if let Some(e) = cause.downcast_ref::<rebound_wire::WireError>() {
             return Some(e.code());
         }
     }

@@ -8,7 +8,11 @@ use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "rebound", version, about = "Site recovery for Linux and KVM workloads")]
+#[command(
+    name = "rebound",
+    version,
+    about = "Site recovery for Linux and KVM workloads"
+)]
 struct Cli {
     /// Log filter (e.g. `info`, `rebound_delta=debug`); also RUST_LOG.
     #[arg(long, global = true, env = "REBOUND_LOG", default_value = "warn")]
@@ -21,6 +25,12 @@ struct Cli {
 enum Command {
     /// Print every error code with its meaning and remedy.
     Errors(cmd::errors::Args),
+    /// Make a destination disk byte-identical to a source disk, sending only what differs.
+    Sync(cmd::sync::SyncArgs),
+    /// Count exactly the leaves and bytes a sync would send, writing nothing.
+    Diff(cmd::sync::DiffArgs),
+    /// Receive syncs: serve the disks under a directory to token holders.
+    SyncServer(cmd::sync::ServerArgs),
 }
 
 fn main() -> ExitCode {
@@ -28,10 +38,16 @@ fn main() -> ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(&cli.log))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 
     let result = match cli.command {
         Command::Errors(args) => cmd::errors::run(args),
+        Command::Sync(args) => cmd::sync::run_sync(args),
+        Command::Diff(args) => cmd::sync::run_diff(args),
+        Command::SyncServer(args) => cmd::sync::run_server(args),
     };
     match result {
         Ok(code) => code,

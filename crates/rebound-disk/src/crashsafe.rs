@@ -33,7 +33,10 @@ pub fn durable_rename(from: &Path, to: &Path) -> io::Result<()> {
 
 /// The temporary name used while `path` is being replaced.
 pub fn temp_path(path: &Path) -> PathBuf {
-    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    let mut name = path
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
     name.push(".tmp");
     path.with_file_name(name)
 }
@@ -43,7 +46,11 @@ pub fn temp_path(path: &Path) -> PathBuf {
 pub fn write_file_durable(path: &Path, contents: &[u8]) -> io::Result<()> {
     let tmp = temp_path(path);
     {
-        let mut f = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)?;
         f.write_all(contents)?;
         f.sync_all()?;
     }

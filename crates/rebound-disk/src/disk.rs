@@ -31,20 +31,36 @@ fn classify(path: &Path, file: &File) -> Result<DiskKind, DiskError> {
     match FileType::from_raw_mode(st.st_mode) {
         FileType::RegularFile => Ok(DiskKind::Image),
         FileType::BlockDevice => Ok(DiskKind::Block),
-        FileType::Directory => Err(DiskError::NotADisk { path: path.into(), what: "a directory" }),
-        FileType::CharacterDevice => {
-            Err(DiskError::NotADisk { path: path.into(), what: "a character device" })
-        }
-        FileType::Fifo => Err(DiskError::NotADisk { path: path.into(), what: "a fifo" }),
-        FileType::Socket => Err(DiskError::NotADisk { path: path.into(), what: "a socket" }),
-        _ => Err(DiskError::NotADisk { path: path.into(), what: "an unknown file type" }),
+        FileType::Directory => Err(DiskError::NotADisk {
+            path: path.into(),
+            what: "a directory",
+        }),
+        FileType::CharacterDevice => Err(DiskError::NotADisk {
+            path: path.into(),
+            what: "a character device",
+        }),
+        FileType::Fifo => Err(DiskError::NotADisk {
+            path: path.into(),
+            what: "a fifo",
+        }),
+        FileType::Socket => Err(DiskError::NotADisk {
+            path: path.into(),
+            what: "a socket",
+        }),
+        _ => Err(DiskError::NotADisk {
+            path: path.into(),
+            what: "an unknown file type",
+        }),
     }
 }
 
 fn open_error(path: &Path, e: io::Error) -> DiskError {
     match e.kind() {
         io::ErrorKind::NotFound => DiskError::Missing { path: path.into() },
-        io::ErrorKind::IsADirectory => DiskError::NotADisk { path: path.into(), what: "a directory" },
+        io::ErrorKind::IsADirectory => DiskError::NotADisk {
+            path: path.into(),
+            what: "a directory",
+        },
         _ => DiskError::from_io(path, "open", e),
     }
 }
@@ -55,20 +71,31 @@ impl Disk {
         // Check the type before opening: opening a fifo would block.
         let meta = std::fs::metadata(path).map_err(|e| open_error(path, e))?;
         if meta.is_dir() {
-            return Err(DiskError::NotADisk { path: path.into(), what: "a directory" });
+            return Err(DiskError::NotADisk {
+                path: path.into(),
+                what: "a directory",
+            });
         }
         let file = File::open(path).map_err(|e| open_error(path, e))?;
         let kind = classify(path, &file)?;
-        Ok(Disk { file, path: path.into(), kind, writable: false })
+        Ok(Disk {
+            file,
+            path: path.into(),
+            kind,
+            writable: false,
+        })
     }
 
     /// Open a disk for reading and writing; with `create`, a missing image is
     /// created empty (grow it with [`Disk::set_len`], which keeps it sparse).
     pub fn open_write(path: &Path, create: bool) -> Result<Disk, DiskError> {
-        if let Ok(meta) = std::fs::metadata(path) {
-            if meta.is_dir() {
-                return Err(DiskError::NotADisk { path: path.into(), what: "a directory" });
-            }
+        if let Ok(meta) = std::fs::metadata(path)
+            && meta.is_dir()
+        {
+            return Err(DiskError::NotADisk {
+                path: path.into(),
+                what: "a directory",
+            });
         }
         let file = OpenOptions::new()
             .read(true)
@@ -77,7 +104,12 @@ impl Disk {
             .open(path)
             .map_err(|e| open_error(path, e))?;
         let kind = classify(path, &file)?;
-        Ok(Disk { file, path: path.into(), kind, writable: true })
+        Ok(Disk {
+            file,
+            path: path.into(),
+            kind,
+            writable: true,
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -103,7 +135,11 @@ impl Disk {
     /// Size in bytes.
     pub fn size(&self) -> Result<u64, DiskError> {
         match self.kind {
-            DiskKind::Image => Ok(self.file.metadata().map_err(|e| self.io_err("stat", e))?.len()),
+            DiskKind::Image => Ok(self
+                .file
+                .metadata()
+                .map_err(|e| self.io_err("stat", e))?
+                .len()),
             DiskKind::Block => {
                 rustix::fs::seek(&self.file, SeekFrom::End(0)).map_err(|e| self.io_err("seek", e))
             }
@@ -113,7 +149,10 @@ impl Disk {
     /// Grow or shrink an image; a grown image reads as zeros and takes no space.
     pub fn set_len(&self, len: u64) -> Result<(), DiskError> {
         match self.kind {
-            DiskKind::Image => self.file.set_len(len).map_err(|e| self.io_err("truncate", e)),
+            DiskKind::Image => self
+                .file
+                .set_len(len)
+                .map_err(|e| self.io_err("truncate", e)),
             DiskKind::Block => {
                 let size = self.size()?;
                 if size == len {
@@ -150,7 +189,9 @@ impl Disk {
 
     /// Write all of `buf` at `offset`.
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), DiskError> {
-        self.file.write_all_at(buf, offset).map_err(|e| self.io_err("write", e))
+        self.file
+            .write_all_at(buf, offset)
+            .map_err(|e| self.io_err("write", e))
     }
 
     /// Make `range` read as zeros, freeing its space where the filesystem can
@@ -163,7 +204,9 @@ impl Disk {
         let flags = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
         match rustix::fs::fallocate(&self.file, flags, range.start, len) {
             Ok(()) => return Ok(()),
-            Err(rustix::io::Errno::OPNOTSUPP) | Err(rustix::io::Errno::NOSYS) | Err(rustix::io::Errno::INVAL) => {}
+            Err(rustix::io::Errno::OPNOTSUPP)
+            | Err(rustix::io::Errno::NOSYS)
+            | Err(rustix::io::Errno::INVAL) => {}
             Err(e) => return Err(self.io_err("punch-hole", e)),
         }
         let zeros = vec![0u8; len.min(1 << 20) as usize];
@@ -178,7 +221,9 @@ impl Disk {
 
     /// Make written data durable (fdatasync).
     pub fn sync_data(&self) -> Result<(), DiskError> {
-        self.file.sync_data().map_err(|e| self.io_err("fdatasync", e))
+        self.file
+            .sync_data()
+            .map_err(|e| self.io_err("fdatasync", e))
     }
 
     /// The ranges inside `range` that may hold data; everything else is a hole
@@ -222,7 +267,9 @@ impl Disk {
 pub fn is_zero(buf: &[u8]) -> bool {
     let (head, body, tail) = unsafe_free_split(buf);
     head.iter().all(|&b| b == 0)
-        && body.chunks(8).all(|w| w.iter().fold(0u64, |acc, &b| acc | b as u64) == 0)
+        && body
+            .chunks(8)
+            .all(|w| w.iter().fold(0u64, |acc, &b| acc | b as u64) == 0)
         && tail.iter().all(|&b| b == 0)
 }
 

@@ -15,7 +15,11 @@ pub enum DiskError {
     #[error("{path}: no space left on the filesystem")]
     NoSpace { path: PathBuf },
     #[error("{path}: {op} failed: {source}")]
-    Io { path: PathBuf, op: &'static str, source: io::Error },
+    Io {
+        path: PathBuf,
+        op: &'static str,
+        source: io::Error,
+    },
 }
 
 impl DiskError {

@@ -5,6 +5,7 @@
 pub mod crashsafe;
 mod disk;
 mod error;
+pub mod zeroing;
 
 pub use disk::{Disk, DiskKind, is_zero};
 pub use error::DiskError;

@@ -111,6 +111,9 @@ error_codes! {
     /// A frame announced a length above the protocol's limit.
     FrameTooLarge = 1108, "frame-too-large",
         "The peer is not a rebound peer of this version, or the stream is corrupt; check what listens on that port.";
+    /// Another sync of the same disk is running on the server.
+    ExportBusy = 1109, "export-busy",
+        "Wait for the other sync of this disk to finish (or stop it), then run the command again.";
 
     // --- delta sync: 1200s ---
     /// After a sync the BLAKE3 roots of source and destination differ.
@@ -125,6 +128,55 @@ error_codes! {
     /// The source changed size or identity while the sync ran.
     SourceChanged = 1204, "source-changed",
         "Stop writers to the source (or sync from a snapshot), then run the sync again.";
+
+    // --- journal: 2000s ---
+    /// No journal for this item on the retention volume.
+    JournalMissing = 2001, "journal-missing",
+        "Check the --volume directory and the item name; `rebound journal inspect --volume DIR` lists the items it holds.";
+    /// The journal's metadata has an unknown format or version, or cannot be parsed.
+    JournalFormat = 2002, "journal-format",
+        "Use the rebound release that wrote this retention volume, or restore the item's metadata files from a backup.";
+    /// A journal record failed its checksum.
+    JournalCorrupt = 2003, "journal-corrupt",
+        "Recovery points after the damaged record are unusable; fail over to an earlier point or resync the item (delta sync), and check the retention volume's storage.";
+    /// The retention volume has no space left for the journal.
+    RetentionVolumeFull = 2004, "retention-volume-full",
+        "Free space on the retention volume or shorten the recovery point retention; what was already written is intact and appends resume once space is available.";
+    /// The recovery point asked for does not exist (never taken, or folded by retention).
+    PointNotFound = 2005, "point-not-found",
+        "List the recovery points with `rebound journal points` and choose one inside the retention window.";
+    /// The recovery point exists but its data is incomplete or damaged.
+    PointUnusable = 2006, "point-unusable",
+        "Choose an earlier recovery point (before the damaged record) or resync the item.";
+    /// Another process holds the journal open for writing.
+    JournalLocked = 2007, "journal-locked",
+        "Stop the other writer of this item's journal (master target service) or use a read-only command.";
+    /// A changeset is malformed: unaligned, outside the disk, or naming an unknown disk.
+    ChangesetInvalid = 2008, "changeset-invalid",
+        "The sender and the journal disagree on the item's disks; check the item's disk sizes and resync it.";
+    /// An input/output error on the retention volume or the base disks.
+    JournalIo = 2009, "journal-io",
+        "Check the retention volume and the datastore (dmesg, mount state), then reopen the journal; durable points are kept.";
+    /// The target of a materialise is unsuitable (wrong size, exists, not a disk).
+    MaterialiseTarget = 2010, "materialise-target",
+        "Give new file paths, or existing disks of exactly the item's disk sizes, for the materialised point.";
+
+    // --- NBD and agent: 3000s ---
+    /// The NBD listener could not be opened (address in use, bad path, permissions).
+    NbdListenFailed = 3001, "nbd-listen-failed",
+        "Free the address or choose another with --listen; for unix:PATH remove a stale socket and check the directory is writable.";
+    /// An NBD client broke the protocol; its connection was closed, the server and the disk are unaffected.
+    NbdProtocol = 3002, "nbd-protocol",
+        "Check the client (qemu, nbd-client, libnbd) and its version; the export keeps serving other connections.";
+    /// Two disks given to one agent export would have the same export name.
+    NbdExportDuplicate = 3003, "nbd-export-duplicate",
+        "Give each disk a distinct file name, or name the exports explicitly with NAME=PATH.";
+    /// The dirty-tracking state file cannot be read, written or synced.
+    DirtyStateIo = 3004, "dirty-state-io",
+        "Make the state directory (--state-dir) writable and healthy; until then the export refuses writes it could not track.";
+    /// Another agent already tracks this disk (its state file is locked).
+    DirtyStateLocked = 3005, "dirty-state-locked",
+        "Stop the other agent serving this disk; one disk is exported by one agent at a time.";
 }
 
 impl fmt::Display for ErrorCode {
@@ -179,7 +231,10 @@ mod tests {
         let doc = std::fs::read_to_string(path).expect("docs/errors.md is readable");
         for &c in ErrorCode::ALL {
             let row = format!("| {} | `{}` |", c.number(), c.name());
-            assert!(doc.contains(&row), "docs/errors.md lacks the row starting {row:?}");
+            assert!(
+                doc.contains(&row),
+                "docs/errors.md lacks the row starting {row:?}"
+            );
         }
     }
 }

@@ -6,4 +6,7 @@ pub mod codes;
 pub mod geometry;
 
 pub use codes::{Coded, ErrorCode};
-pub use geometry::{CHUNK_SIZE, LEAF_SIZE, LEAVES_PER_CHUNK, LEAVES_PER_NODE, NODE_SIZE, NODES_PER_CHUNK};
+pub use geometry::{
+    CHUNK_SIZE, LEAF_SIZE, LEAVES_PER_CHUNK, LEAVES_PER_NODE, NODE_SIZE, NODES_PER_CHUNK,
+    chunk_count, leaf_count,
+};

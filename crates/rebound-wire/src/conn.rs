@@ -51,7 +51,10 @@ pub fn spawn_writer(
         let frame_tx = frame_tx.clone();
         threads.push(std::thread::spawn(move || {
             for (seq, msg) in job_rx {
-                if frame_tx.send((seq, encode_frame(&msg, compression))).is_err() {
+                if frame_tx
+                    .send((seq, encode_frame(&msg, compression)))
+                    .is_err()
+                {
                     return;
                 }
             }
@@ -60,13 +63,18 @@ pub fn spawn_writer(
     drop(frame_tx);
     let fail = failure.clone();
     threads.push(std::thread::spawn(move || {
-        if let Err(e) = write_loop(stream, frame_rx, &counters) {
-            if let Ok(mut slot) = fail.lock() {
-                slot.get_or_insert(e);
-            }
+        if let Err(e) = write_loop(stream, frame_rx, &counters)
+            && let Ok(mut slot) = fail.lock()
+        {
+            slot.get_or_insert(e);
         }
     }));
-    FrameWriter { jobs: Some(job_tx), seq: 0, failure, threads }
+    FrameWriter {
+        jobs: Some(job_tx),
+        seq: 0,
+        failure,
+        threads,
+    }
 }
 
 fn write_loop(
@@ -93,8 +101,11 @@ fn write_loop(
         };
         waiting.insert(item.0, item.1);
         while let Some(frame) = waiting.remove(&next) {
-            out.write_all(&frame).map_err(|e| WireError::io("sending", e))?;
-            counters.sent.fetch_add(frame.len() as u64, Ordering::Relaxed);
+            out.write_all(&frame)
+                .map_err(|e| WireError::io("sending", e))?;
+            counters
+                .sent
+                .fetch_add(frame.len() as u64, Ordering::Relaxed);
             next += 1;
         }
     }
@@ -112,7 +123,10 @@ impl FrameWriter {
 
     /// Queue a message. Fails once the connection has failed.
     pub fn send(&mut self, msg: Msg) -> Result<(), WireError> {
-        let jobs = self.jobs.as_ref().ok_or(WireError::Closed { during: "sending" })?;
+        let jobs = self
+            .jobs
+            .as_ref()
+            .ok_or(WireError::Closed { during: "sending" })?;
         if jobs.send((self.seq, msg)).is_err() {
             return Err(self.failure());
         }
@@ -150,7 +164,10 @@ pub struct FrameReader {
 
 /// Start the receiving half on `stream`. The channel yields each message, then
 /// one error (a clean close shows as [`WireError::Closed`]) and ends.
-pub fn spawn_reader(mut stream: impl Read + Send + 'static, counters: Arc<Counters>) -> FrameReader {
+pub fn spawn_reader(
+    mut stream: impl Read + Send + 'static,
+    counters: Arc<Counters>,
+) -> FrameReader {
     let (tx, rx) = bounded(64);
     let thread = std::thread::spawn(move || {
         let mut stream = std::io::BufReader::with_capacity(256 << 10, &mut stream);
@@ -169,7 +186,10 @@ pub fn spawn_reader(mut stream: impl Read + Send + 'static, counters: Arc<Counte
             }
         }
     });
-    FrameReader { rx, thread: Some(thread) }
+    FrameReader {
+        rx,
+        thread: Some(thread),
+    }
 }
 
 impl FrameReader {
@@ -177,7 +197,9 @@ impl FrameReader {
     pub fn recv(&self) -> Result<Msg, WireError> {
         match self.rx.recv() {
             Ok(r) => r,
-            Err(_) => Err(WireError::Closed { during: "receiving" }),
+            Err(_) => Err(WireError::Closed {
+                during: "receiving",
+            }),
         }
     }
 }
@@ -189,4 +211,3 @@ impl Drop for FrameReader {
         drop(self.thread.take());
     }
 }
-

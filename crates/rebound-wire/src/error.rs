@@ -7,13 +7,23 @@ pub enum WireError {
     #[error("the peer closed the connection {during}")]
     Closed { during: &'static str },
     #[error("network error {during}: {source}")]
-    Io { during: &'static str, source: io::Error },
+    Io {
+        during: &'static str,
+        source: io::Error,
+    },
     #[error("corrupt frame: {0}")]
     Corrupt(String),
     #[error("frame of {len} bytes exceeds the limit of {limit} bytes")]
     TooLarge { len: u64, limit: u64 },
-    #[error("no common protocol version: we speak {ours_min}..={ours_max}, the peer {theirs_min}..={theirs_max}")]
-    Version { ours_min: u16, ours_max: u16, theirs_min: u16, theirs_max: u16 },
+    #[error(
+        "no common protocol version: we speak {ours_min}..={ours_max}, the peer {theirs_min}..={theirs_max}"
+    )]
+    Version {
+        ours_min: u16,
+        ours_max: u16,
+        theirs_min: u16,
+        theirs_max: u16,
+    },
     #[error("authentication failed: {0}")]
     Auth(String),
     #[error("unexpected message: {0}")]

@@ -31,7 +31,11 @@ fn header_bytes(len: u32, tag: u8, codec: u8, raw_len: u32) -> [u8; 12] {
 /// the message is compressible and compression helps.
 pub fn encode_frame(msg: &Msg, compression: Compression) -> Vec<u8> {
     let (tag, raw) = msg.encode();
-    let packed = if msg.compressible() { compression.compress(&raw) } else { None };
+    let packed = if msg.compressible() {
+        compression.compress(&raw)
+    } else {
+        None
+    };
     let (codec, body) = match &packed {
         Some(c) => (compression, c.as_slice()),
         None => (Compression::None, raw.as_slice()),
@@ -52,16 +56,30 @@ pub fn decode_frame_header(h: &[u8; FRAME_HEADER_LEN]) -> Result<FrameHeader, Wi
     let len = word(0);
     let raw_len = word(8);
     if len > MAX_FRAME_BODY || raw_len > MAX_FRAME_BODY {
-        return Err(WireError::TooLarge { len: u64::from(len.max(raw_len)), limit: u64::from(MAX_FRAME_BODY) });
+        return Err(WireError::TooLarge {
+            len: u64::from(len.max(raw_len)),
+            limit: u64::from(MAX_FRAME_BODY),
+        });
     }
-    let codec = Compression::from_id(h[5]).ok_or_else(|| WireError::Corrupt(format!("unknown codec {}", h[5])))?;
+    let codec = Compression::from_id(h[5])
+        .ok_or_else(|| WireError::Corrupt(format!("unknown codec {}", h[5])))?;
     if h[6] != 0 || h[7] != 0 {
-        return Err(WireError::Corrupt("reserved header bytes are not zero".into()));
+        return Err(WireError::Corrupt(
+            "reserved header bytes are not zero".into(),
+        ));
     }
     if codec == Compression::None && raw_len != len {
-        return Err(WireError::Corrupt("uncompressed frame with two lengths".into()));
+        return Err(WireError::Corrupt(
+            "uncompressed frame with two lengths".into(),
+        ));
     }
-    Ok(FrameHeader { len, tag: h[4], codec, raw_len, crc: word(12) })
+    Ok(FrameHeader {
+        len,
+        tag: h[4],
+        codec,
+        raw_len,
+        crc: word(12),
+    })
 }
 
 /// Read one frame and decode its message. Returns the message and the number
@@ -75,7 +93,10 @@ pub fn read_frame(r: &mut impl Read) -> Result<(Msg, usize), WireError> {
     let mut crc = crc32c::crc32c(&h[..12]);
     crc = crc32c::crc32c_append(crc, &body);
     if crc != fh.crc {
-        return Err(WireError::Corrupt(format!("checksum mismatch on a frame of tag {:#04x}", fh.tag)));
+        return Err(WireError::Corrupt(format!(
+            "checksum mismatch on a frame of tag {:#04x}",
+            fh.tag
+        )));
     }
     let raw = match fh.codec {
         Compression::None => body,
@@ -97,7 +118,9 @@ fn read_exact(
     while done < buf.len() {
         match r.read(&mut buf[done..]) {
             Ok(0) => {
-                return Err(WireError::Closed { during: if done == 0 { at_start } else { in_middle } });
+                return Err(WireError::Closed {
+                    during: if done == 0 { at_start } else { in_middle },
+                });
             }
             Ok(n) => done += n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}

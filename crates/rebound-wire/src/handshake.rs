@@ -40,7 +40,9 @@ impl Token {
     pub fn new(text: &str) -> Result<Token, String> {
         let t = text.trim();
         if t.len() < MIN_TOKEN_LEN {
-            return Err(format!("a token must have at least {MIN_TOKEN_LEN} characters"));
+            return Err(format!(
+                "a token must have at least {MIN_TOKEN_LEN} characters"
+            ));
         }
         Ok(Token(t.as_bytes().to_vec()))
     }
@@ -48,7 +50,8 @@ impl Token {
     /// Read a token file (first line used, whitespace trimmed).
     pub fn from_file(path: &Path) -> Result<Token, String> {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        Token::new(text.lines().next().unwrap_or("")).map_err(|e| format!("{}: {e}", path.display()))
+        Token::new(text.lines().next().unwrap_or(""))
+            .map_err(|e| format!("{}: {e}", path.display()))
     }
 
     fn key(&self) -> [u8; 32] {
@@ -68,13 +71,19 @@ fn nonce() -> Result<[u8; 32], WireError> {
     let mut n = [0u8; 32];
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut n))
-        .map_err(|e| WireError::Io { during: "reading /dev/urandom", source: e })?;
+        .map_err(|e| WireError::Io {
+            during: "reading /dev/urandom",
+            source: e,
+        })?;
     Ok(n)
 }
 
 fn proof(key: &[u8; 32], role: &[u8], nc: &[u8; 32], ns: &[u8; 32], version: u16) -> blake3::Hash {
     let mut h = blake3::Hasher::new_keyed(key);
-    h.update(role).update(nc).update(ns).update(&version.to_le_bytes());
+    h.update(role)
+        .update(nc)
+        .update(ns)
+        .update(&version.to_le_bytes());
     h.finalize()
 }
 
@@ -94,7 +103,13 @@ fn recv(s: &mut impl Read) -> Result<Msg, WireError> {
 
 fn refuse(s: &mut impl Write, code: ErrorCode, message: &str) {
     // Best effort: the peer may already be gone.
-    let _ = send(s, &Msg::Error { code: code.number(), message: message.to_string() });
+    let _ = send(
+        s,
+        &Msg::Error {
+            code: code.number(),
+            message: message.to_string(),
+        },
+    );
 }
 
 /// Run the client side. `versions` is the inclusive range this side speaks.
@@ -104,27 +119,57 @@ pub fn client_handshake<S: Read + Write>(
     versions: (u16, u16),
 ) -> Result<Handshake, WireError> {
     let nc = nonce()?;
-    send(s, &Msg::Hello { magic: HELLO_MAGIC, min_version: versions.0, max_version: versions.1, nonce: nc })?;
+    send(
+        s,
+        &Msg::Hello {
+            magic: HELLO_MAGIC,
+            min_version: versions.0,
+            max_version: versions.1,
+            nonce: nc,
+        },
+    )?;
     let (version, ns) = match recv(s)? {
         Msg::Challenge { version, nonce } => (version, nonce),
         Msg::Error { code, message } => return Err(remote_refusal(code, message)),
-        other => return Err(WireError::Protocol(format!("expected challenge, got {}", other.name()))),
+        other => {
+            return Err(WireError::Protocol(format!(
+                "expected challenge, got {}",
+                other.name()
+            )));
+        }
     };
     if version < versions.0 || version > versions.1 {
-        return Err(WireError::Protocol(format!("server chose version {version}, outside what we offered")));
+        return Err(WireError::Protocol(format!(
+            "server chose version {version}, outside what we offered"
+        )));
     }
     let key = token.key();
-    send(s, &Msg::Auth { proof: *proof(&key, b"client", &nc, &ns, version).as_bytes() })?;
+    send(
+        s,
+        &Msg::Auth {
+            proof: *proof(&key, b"client", &nc, &ns, version).as_bytes(),
+        },
+    )?;
     match recv(s)? {
         Msg::Welcome { proof: p } => {
             if blake3::Hash::from(p) != proof(&key, b"server", &nc, &ns, version) {
-                return Err(WireError::Auth("the server could not prove it holds the token".into()));
+                return Err(WireError::Auth(
+                    "the server could not prove it holds the token".into(),
+                ));
             }
         }
         Msg::Error { code, message } => return Err(remote_refusal(code, message)),
-        other => return Err(WireError::Protocol(format!("expected welcome, got {}", other.name()))),
+        other => {
+            return Err(WireError::Protocol(format!(
+                "expected welcome, got {}",
+                other.name()
+            )));
+        }
     }
-    Ok(Handshake { version, session_key: session_key(&key, &nc, &ns) })
+    Ok(Handshake {
+        version,
+        session_key: session_key(&key, &nc, &ns),
+    })
 }
 
 fn remote_refusal(code: u32, message: String) -> WireError {
@@ -141,19 +186,34 @@ pub fn server_handshake<S: Read + Write>(
     versions: (u16, u16),
 ) -> Result<Handshake, WireError> {
     let (magic, min, max, nc) = match recv(s)? {
-        Msg::Hello { magic, min_version, max_version, nonce } => (magic, min_version, max_version, nonce),
+        Msg::Hello {
+            magic,
+            min_version,
+            max_version,
+            nonce,
+        } => (magic, min_version, max_version, nonce),
         other => {
             refuse(s, ErrorCode::ProtocolViolation, "expected hello");
-            return Err(WireError::Protocol(format!("expected hello, got {}", other.name())));
+            return Err(WireError::Protocol(format!(
+                "expected hello, got {}",
+                other.name()
+            )));
         }
     };
     if magic != HELLO_MAGIC {
         refuse(s, ErrorCode::ProtocolViolation, "not a rebound peer");
-        return Err(WireError::Protocol("the peer is not a rebound peer (bad magic)".into()));
+        return Err(WireError::Protocol(
+            "the peer is not a rebound peer (bad magic)".into(),
+        ));
     }
     let version = versions.1.min(max);
     if version < versions.0.max(min) {
-        let err = WireError::Version { ours_min: versions.0, ours_max: versions.1, theirs_min: min, theirs_max: max };
+        let err = WireError::Version {
+            ours_min: versions.0,
+            ours_max: versions.1,
+            theirs_min: min,
+            theirs_max: max,
+        };
         refuse(s, ErrorCode::VersionMismatch, &err.to_string());
         return Err(err);
     }
@@ -169,9 +229,20 @@ pub fn server_handshake<S: Read + Write>(
         }
         other => {
             refuse(s, ErrorCode::ProtocolViolation, "expected auth");
-            return Err(WireError::Protocol(format!("expected auth, got {}", other.name())));
+            return Err(WireError::Protocol(format!(
+                "expected auth, got {}",
+                other.name()
+            )));
         }
     }
-    send(s, &Msg::Welcome { proof: *proof(&key, b"server", &nc, &ns, version).as_bytes() })?;
-    Ok(Handshake { version, session_key: session_key(&key, &nc, &ns) })
+    send(
+        s,
+        &Msg::Welcome {
+            proof: *proof(&key, b"server", &nc, &ns, version).as_bytes(),
+        },
+    )?;
+    Ok(Handshake {
+        version,
+        session_key: session_key(&key, &nc, &ns),
+    })
 }

@@ -31,7 +31,7 @@ pub use codec::Compression;
 pub use conn::{Counters, FrameReader, FrameWriter, spawn_reader, spawn_writer};
 pub use error::WireError;
 pub use frame::{FRAME_HEADER_LEN, MAX_FRAME_BODY, decode_frame_header, encode_frame, read_frame};
-pub use handshake::{Handshake, Token, client_handshake, server_handshake, HELLO_MAGIC};
+pub use handshake::{HELLO_MAGIC, Handshake, Token, client_handshake, server_handshake};
 pub use msg::{Hash128, Mode, Msg, Open, Opened, SyncStats};
 
 /// The protocol version this build speaks by default. Bump it on any change to

@@ -58,12 +58,27 @@ pub struct SyncStats {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Msg {
     // --- handshake ---
-    Hello { magic: [u8; 8], min_version: u16, max_version: u16, nonce: [u8; 32] },
-    Challenge { version: u16, nonce: [u8; 32] },
-    Auth { proof: [u8; 32] },
-    Welcome { proof: [u8; 32] },
+    Hello {
+        magic: [u8; 8],
+        min_version: u16,
+        max_version: u16,
+        nonce: [u8; 32],
+    },
+    Challenge {
+        version: u16,
+        nonce: [u8; 32],
+    },
+    Auth {
+        proof: [u8; 32],
+    },
+    Welcome {
+        proof: [u8; 32],
+    },
     /// Either side gives up, with a stable error code.
-    Error { code: u32, message: String },
+    Error {
+        code: u32,
+        message: String,
+    },
 
     // --- session ---
     Open(Open),
@@ -71,24 +86,55 @@ pub enum Msg {
 
     // --- comparison, destination → source, level by level ---
     /// Top-level (chunk) hashes of consecutive chunks.
-    TopHashes { first_chunk: u64, hashes: Vec<Hash128> },
+    TopHashes {
+        first_chunk: u64,
+        hashes: Vec<Hash128>,
+    },
     /// Source asks for the node hashes of a chunk whose top hash differs.
-    WantNodes { chunk: u64 },
-    NodeHashes { chunk: u64, hashes: Vec<Hash128> },
+    WantNodes {
+        chunk: u64,
+    },
+    NodeHashes {
+        chunk: u64,
+        hashes: Vec<Hash128>,
+    },
     /// Source asks for the leaf hashes under the nodes set in `mask`.
-    WantLeaves { chunk: u64, mask: u64 },
+    WantLeaves {
+        chunk: u64,
+        mask: u64,
+    },
     /// Leaf hashes of the nodes in `mask`, in node order.
-    LeafHashes { chunk: u64, mask: u64, hashes: Vec<Hash128> },
+    LeafHashes {
+        chunk: u64,
+        mask: u64,
+        hashes: Vec<Hash128>,
+    },
 
     // --- data, source → destination ---
-    Data { offset: u64, bytes: Vec<u8> },
-    Zero { offset: u64, len: u64 },
+    Data {
+        offset: u64,
+        bytes: Vec<u8>,
+    },
+    Zero {
+        offset: u64,
+        len: u64,
+    },
     /// No more data for `chunk`; `blake3` is the source's hash of it.
-    ChunkEnd { chunk: u64, blake3: [u8; 32] },
+    ChunkEnd {
+        chunk: u64,
+        blake3: [u8; 32],
+    },
     /// Destination: chunks `[0, chunks)` are durable.
-    Durable { chunks: u64 },
-    Finish { root: [u8; 32] },
-    Finished { root: [u8; 32], stats: SyncStats },
+    Durable {
+        chunks: u64,
+    },
+    Finish {
+        root: [u8; 32],
+    },
+    Finished {
+        root: [u8; 32],
+        stats: SyncStats,
+    },
 }
 
 mod tag {
@@ -154,7 +200,10 @@ struct In<'a> {
 impl<'a> In<'a> {
     fn take(&mut self, n: usize) -> Result<&'a [u8], WireError> {
         if self.buf.len() < n {
-            return Err(WireError::Corrupt(format!("{} body is truncated", self.what)));
+            return Err(WireError::Corrupt(format!(
+                "{} body is truncated",
+                self.what
+            )));
         }
         let (head, rest) = self.buf.split_at(n);
         self.buf = rest;
@@ -181,13 +230,19 @@ impl<'a> In<'a> {
         match self.u8()? {
             0 => Ok(false),
             1 => Ok(true),
-            v => Err(WireError::Corrupt(format!("{}: invalid boolean {v}", self.what))),
+            v => Err(WireError::Corrupt(format!(
+                "{}: invalid boolean {v}",
+                self.what
+            ))),
         }
     }
     fn string(&mut self) -> Result<String, WireError> {
         let n = self.u32()? as usize;
         if n > MAX_STRING {
-            return Err(WireError::Corrupt(format!("{}: string of {n} bytes", self.what)));
+            return Err(WireError::Corrupt(format!(
+                "{}: string of {n} bytes",
+                self.what
+            )));
         }
         String::from_utf8(self.take(n)?.to_vec())
             .map_err(|_| WireError::Corrupt(format!("{}: string is not UTF-8", self.what)))
@@ -214,7 +269,11 @@ impl<'a> In<'a> {
         if self.buf.is_empty() {
             Ok(())
         } else {
-            Err(WireError::Corrupt(format!("{}: {} trailing bytes", self.what, self.buf.len())))
+            Err(WireError::Corrupt(format!(
+                "{}: {} trailing bytes",
+                self.what,
+                self.buf.len()
+            )))
         }
     }
 }
@@ -256,7 +315,12 @@ impl Msg {
             _ => 64,
         }));
         let t = match self {
-            Msg::Hello { magic, min_version, max_version, nonce } => {
+            Msg::Hello {
+                magic,
+                min_version,
+                max_version,
+                nonce,
+            } => {
                 o.bytes(magic);
                 o.u16(*min_version);
                 o.u16(*max_version);
@@ -301,7 +365,10 @@ impl Msg {
                 o.u64(op.resume_chunks);
                 tag::OPENED
             }
-            Msg::TopHashes { first_chunk, hashes } => {
+            Msg::TopHashes {
+                first_chunk,
+                hashes,
+            } => {
                 o.u64(*first_chunk);
                 o.hashes(hashes);
                 tag::TOP_HASHES
@@ -320,7 +387,11 @@ impl Msg {
                 o.u64(*mask);
                 tag::WANT_LEAVES
             }
-            Msg::LeafHashes { chunk, mask, hashes } => {
+            Msg::LeafHashes {
+                chunk,
+                mask,
+                hashes,
+            } => {
                 o.u64(*chunk);
                 o.u64(*mask);
                 o.hashes(hashes);
@@ -362,16 +433,30 @@ impl Msg {
 
     /// Decode a body received with frame tag `t`.
     pub fn decode(t: u8, body: &[u8]) -> Result<Msg, WireError> {
-        let mut i = In { buf: body, what: "message" };
+        let mut i = In {
+            buf: body,
+            what: "message",
+        };
         let msg = match t {
             tag::HELLO => {
                 i.what = "hello";
-                Msg::Hello { magic: i.array()?, min_version: i.u16()?, max_version: i.u16()?, nonce: i.array()? }
+                Msg::Hello {
+                    magic: i.array()?,
+                    min_version: i.u16()?,
+                    max_version: i.u16()?,
+                    nonce: i.array()?,
+                }
             }
-            tag::CHALLENGE => Msg::Challenge { version: i.u16()?, nonce: i.array()? },
+            tag::CHALLENGE => Msg::Challenge {
+                version: i.u16()?,
+                nonce: i.array()?,
+            },
             tag::AUTH => Msg::Auth { proof: i.array()? },
             tag::WELCOME => Msg::Welcome { proof: i.array()? },
-            tag::ERROR => Msg::Error { code: i.u32()?, message: i.string()? },
+            tag::ERROR => Msg::Error {
+                code: i.u32()?,
+                message: i.string()?,
+            },
             tag::OPEN => {
                 i.what = "open";
                 let mode = match i.u8()? {
@@ -390,22 +475,56 @@ impl Msg {
                     resume_chunks: i.u64()?,
                 })
             }
-            tag::OPENED => Msg::Opened(Opened { size: i.u64()?, session: i.array()?, resume_chunks: i.u64()? }),
-            tag::TOP_HASHES => Msg::TopHashes { first_chunk: i.u64()?, hashes: i.hashes()? },
+            tag::OPENED => Msg::Opened(Opened {
+                size: i.u64()?,
+                session: i.array()?,
+                resume_chunks: i.u64()?,
+            }),
+            tag::TOP_HASHES => Msg::TopHashes {
+                first_chunk: i.u64()?,
+                hashes: i.hashes()?,
+            },
             tag::WANT_NODES => Msg::WantNodes { chunk: i.u64()? },
-            tag::NODE_HASHES => Msg::NodeHashes { chunk: i.u64()?, hashes: i.hashes()? },
-            tag::WANT_LEAVES => Msg::WantLeaves { chunk: i.u64()?, mask: i.u64()? },
-            tag::LEAF_HASHES => Msg::LeafHashes { chunk: i.u64()?, mask: i.u64()?, hashes: i.hashes()? },
-            tag::DATA => Msg::Data { offset: i.u64()?, bytes: i.rest().to_vec() },
-            tag::ZERO => Msg::Zero { offset: i.u64()?, len: i.u64()? },
-            tag::CHUNK_END => Msg::ChunkEnd { chunk: i.u64()?, blake3: i.array()? },
+            tag::NODE_HASHES => Msg::NodeHashes {
+                chunk: i.u64()?,
+                hashes: i.hashes()?,
+            },
+            tag::WANT_LEAVES => Msg::WantLeaves {
+                chunk: i.u64()?,
+                mask: i.u64()?,
+            },
+            tag::LEAF_HASHES => Msg::LeafHashes {
+                chunk: i.u64()?,
+                mask: i.u64()?,
+                hashes: i.hashes()?,
+            },
+            tag::DATA => Msg::Data {
+                offset: i.u64()?,
+                bytes: i.rest().to_vec(),
+            },
+            tag::ZERO => Msg::Zero {
+                offset: i.u64()?,
+                len: i.u64()?,
+            },
+            tag::CHUNK_END => Msg::ChunkEnd {
+                chunk: i.u64()?,
+                blake3: i.array()?,
+            },
             tag::DURABLE => Msg::Durable { chunks: i.u64()? },
             tag::FINISH => Msg::Finish { root: i.array()? },
             tag::FINISHED => Msg::Finished {
                 root: i.array()?,
-                stats: SyncStats { bytes_read: i.u64()?, bytes_written: i.u64()?, bytes_zeroed: i.u64()? },
+                stats: SyncStats {
+                    bytes_read: i.u64()?,
+                    bytes_written: i.u64()?,
+                    bytes_zeroed: i.u64()?,
+                },
             },
-            other => return Err(WireError::Corrupt(format!("unknown message tag {other:#04x}"))),
+            other => {
+                return Err(WireError::Corrupt(format!(
+                    "unknown message tag {other:#04x}"
+                )));
+            }
         };
         i.end()?;
         Ok(msg)

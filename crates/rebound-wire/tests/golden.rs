@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used)]
 //! Golden bytes: the encoding of frames and messages is a contract between
 //! releases. If one of these fails, you changed the wire format: bump
 //! PROTOCOL_VERSION and update the bytes deliberately.
@@ -10,27 +11,45 @@ fn hex(b: &[u8]) -> String {
 
 #[test]
 fn version_is_pinned() {
-    assert_eq!(PROTOCOL_VERSION, 1, "bumping the version? update the golden bytes below");
+    assert_eq!(
+        PROTOCOL_VERSION, 1,
+        "bumping the version? update the golden bytes below"
+    );
 }
 
 #[test]
 fn golden_frames() {
     let cases: Vec<(Msg, &str)> = vec![
-        (Msg::Durable { chunks: 7 }, "08000000330000000800000060569f5e0700000000000000"),
         (
-            Msg::Zero { offset: 4096, len: 8192 },
+            Msg::Durable { chunks: 7 },
+            "08000000330000000800000060569f5e0700000000000000",
+        ),
+        (
+            Msg::Zero {
+                offset: 4096,
+                len: 8192,
+            },
             "100000003100000010000000f913a2e000100000000000000020000000000000",
         ),
         (
-            Msg::Error { code: 1101, message: "no".into() },
+            Msg::Error {
+                code: 1101,
+                message: "no".into(),
+            },
             "0a000000050000000a00000052fe328d4d040000020000006e6f",
         ),
         (
-            Msg::WantLeaves { chunk: 1, mask: 0x8000_0000_0000_0001 },
+            Msg::WantLeaves {
+                chunk: 1,
+                mask: 0x8000_0000_0000_0001,
+            },
             "10000000230000001000000045ca617401000000000000000100000000000080",
         ),
         (
-            Msg::TopHashes { first_chunk: 2, hashes: vec![0, 1] },
+            Msg::TopHashes {
+                first_chunk: 2,
+                hashes: vec![0, 1],
+            },
             "2c000000200000002c000000549b9f900200000000000000020000000000000000000000000000000000000001000000000000000000000000000000",
         ),
     ];
@@ -44,7 +63,10 @@ fn golden_frames() {
 }
 
 fn got_bytes(h: &str) -> Vec<u8> {
-    (0..h.len()).step_by(2).map(|i| u8::from_str_radix(&h[i..i + 2], 16).unwrap()).collect()
+    (0..h.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&h[i..i + 2], 16).unwrap())
+        .collect()
 }
 
 #[test]

@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used)]
 //! Handshake, corruption and compression behaviour over real sockets.
 
 use proptest::prelude::*;
@@ -17,7 +18,9 @@ fn pair_handshake(
 ) -> (Result<Handshake, WireError>, Result<Handshake, WireError>) {
     let (mut a, mut b) = UnixStream::pair().unwrap();
     let st = token(server_token);
-    let server = std::thread::spawn(move || server_handshake(&mut b, &st, (MIN_PROTOCOL_VERSION, PROTOCOL_VERSION)));
+    let server = std::thread::spawn(move || {
+        server_handshake(&mut b, &st, (MIN_PROTOCOL_VERSION, PROTOCOL_VERSION))
+    });
     let c = client_handshake(&mut a, &token(client_token), client_versions);
     drop(a);
     (c, server.join().unwrap())
@@ -50,12 +53,21 @@ fn other_version_gets_a_clear_refusal() {
 #[test]
 fn short_tokens_are_rejected() {
     assert!(Token::new("short").is_err());
-    assert_eq!(format!("{:?}", token("a-long-enough-token")), "Token(<redacted>)");
+    assert_eq!(
+        format!("{:?}", token("a-long-enough-token")),
+        "Token(<redacted>)"
+    );
 }
 
 #[test]
 fn a_flipped_bit_anywhere_is_detected() {
-    let frame = encode_frame(&Msg::Data { offset: 8192, bytes: vec![0x5a; 3000] }, Compression::None);
+    let frame = encode_frame(
+        &Msg::Data {
+            offset: 8192,
+            bytes: vec![0x5a; 3000],
+        },
+        Compression::None,
+    );
     for i in 0..frame.len() {
         let mut bad = frame.clone();
         bad[i] ^= 0x10;
@@ -78,17 +90,32 @@ fn truncation_is_a_close_in_the_middle() {
 fn oversized_length_is_refused_before_allocating() {
     let mut frame = encode_frame(&Msg::Durable { chunks: 1 }, Compression::None);
     frame[0..4].copy_from_slice(&u32::MAX.to_le_bytes());
-    assert_eq!(read_frame(&mut frame.as_slice()).unwrap_err().code(), ErrorCode::FrameTooLarge);
+    assert_eq!(
+        read_frame(&mut frame.as_slice()).unwrap_err().code(),
+        ErrorCode::FrameTooLarge
+    );
 }
 
 #[test]
 fn compression_round_trips_and_shrinks_text() {
-    let text: Vec<u8> = b"the quick brown fox jumps over the lazy dog. ".iter().cycle().take(64 << 10).copied().collect();
+    let text: Vec<u8> = b"the quick brown fox jumps over the lazy dog. "
+        .iter()
+        .cycle()
+        .take(64 << 10)
+        .copied()
+        .collect();
     for c in [Compression::Lz4, Compression::Zstd, Compression::None] {
-        let msg = Msg::Data { offset: 1 << 20, bytes: text.clone() };
+        let msg = Msg::Data {
+            offset: 1 << 20,
+            bytes: text.clone(),
+        };
         let frame = encode_frame(&msg, c);
         if c != Compression::None {
-            assert!(frame.len() < text.len() / 4, "{c:?} gave {} bytes", frame.len());
+            assert!(
+                frame.len() < text.len() / 4,
+                "{c:?} gave {} bytes",
+                frame.len()
+            );
         }
         assert_eq!(read_frame(&mut frame.as_slice()).unwrap().0, msg);
     }

@@ -1,0 +1,362 @@
+//! The destination side of a sync: hashes its disk, answers the source's
+//! questions level by level, applies what the source sends, verifies every
+//! chunk against the source's BLAKE3 and moves the durable resume cursor.
+
+use crate::pipeline::{self, Buf, BufPool, Chunk, Want, chunk_len};
+use crate::tree::{ChunkTree, TreeHasher};
+use crate::{SyncError, Tuning, root_of};
+use crossbeam_channel::{Receiver, Sender, bounded, select};
+use rebound_disk::{Disk, DiskError};
+use rebound_types::{CHUNK_SIZE, chunk_count};
+use rebound_wire::{FrameReader, FrameWriter, Msg, SyncStats, WireError};
+use std::collections::{BTreeMap, HashMap};
+use std::ops::Range;
+use std::sync::Arc;
+
+/// fsync and advance the cursor at least every this many chunks (256 MiB).
+const DURABLE_EVERY: u64 = 64;
+/// Send top hashes in batches of at most this many chunks.
+const TOP_BATCH: usize = 256;
+
+pub(crate) struct Dest {
+    /// `None`: a dry run against a destination that does not exist (all zeros).
+    pub disk: Option<Arc<Disk>>,
+    /// The source's size, which is the destination's after the sync.
+    pub size: u64,
+    pub full: bool,
+    pub dry_run: bool,
+    pub state: Option<crate::state::SideState>,
+    pub start: u64,
+    pub hasher: Arc<TreeHasher>,
+    pub tuning: Tuning,
+    pub progress: Option<Arc<crate::Progress>>,
+}
+
+pub(crate) struct DestOutcome {
+    pub root: [u8; 32],
+    pub stats: SyncStats,
+    /// What arrived, counted here too: with a pull, the source's counts
+    /// stay on the server.
+    pub received: crate::Counts,
+}
+
+struct Pending {
+    buf: Buf,
+    tree: Option<ChunkTree>,
+    writes: Vec<Range<usize>>,
+    zeros: Vec<Range<usize>>,
+}
+
+struct Job {
+    idx: u64,
+    p: Pending,
+    expected: [u8; 32],
+}
+
+struct Done {
+    idx: u64,
+    blake3: [u8; 32],
+    expected: [u8; 32],
+    written: u64,
+    zeroed: u64,
+}
+
+pub(crate) fn run(
+    dst: &mut Dest,
+    tx: &mut FrameWriter,
+    rx: &FrameReader,
+) -> Result<DestOutcome, SyncError> {
+    let result = run_inner(dst, tx, rx);
+    if let Err(e) = &result
+        && !matches!(e, SyncError::Wire(_) | SyncError::Remote { .. })
+    {
+        let _ = tx.send(e.to_msg());
+    }
+    result
+}
+
+fn run_inner(
+    dst: &mut Dest,
+    tx: &mut FrameWriter,
+    rx: &FrameReader,
+) -> Result<DestOutcome, SyncError> {
+    let n = chunk_count(dst.size);
+    let pool = BufPool::new(dst.tuning.buffers);
+    let never = crossbeam_channel::never();
+    let chunks = if dst.full {
+        never.clone()
+    } else {
+        pipeline::spawn(
+            dst.disk.clone(),
+            dst.size,
+            dst.start..n,
+            pool.clone(),
+            Want {
+                tree: Some(dst.hasher.clone()),
+                blake3: false,
+            },
+            dst.tuning.hashers,
+        )
+    };
+    let (jobs_tx, results) = spawn_finalizers(dst.disk.clone(), dst.dry_run, dst.tuning.hashers);
+
+    let mut hashes: Vec<[u8; 32]> = Vec::with_capacity(n as usize);
+    if let Some(state) = &dst.state {
+        hashes.extend(state.hashes.iter().take(dst.start as usize));
+    }
+    let mut pending: HashMap<u64, Pending> = HashMap::new();
+    let mut tops: BTreeMap<u64, u128> = BTreeMap::new();
+    let mut next_top = dst.start;
+    let mut done: BTreeMap<u64, [u8; 32]> = BTreeMap::new();
+    let mut durable = dst.start;
+    let mut source_root: Option<[u8; 32]> = None;
+    let mut stats = SyncStats::default();
+    let mut received = crate::Counts {
+        chunks: n,
+        chunks_resumed: dst.start,
+        ..Default::default()
+    };
+    let leaves = |len: u64| len.div_ceil(rebound_types::LEAF_SIZE);
+    let mut chunks_open = !dst.full;
+    let mut jobs_tx = Some(jobs_tx);
+
+    loop {
+        let cursor = hashes.len() as u64;
+        if let Some(root) = source_root
+            && cursor == n
+        {
+            if !dst.dry_run
+                && let Some(d) = &dst.disk
+            {
+                d.sync_data()?;
+            }
+            let ours = root_of(hashes.iter().copied(), dst.size);
+            tx.send(Msg::Finished { root: ours, stats })?;
+            if ours != root && !dst.dry_run {
+                return Err(SyncError::Mismatch(
+                    "the destination's BLAKE3 root differs from the source's".into(),
+                ));
+            }
+            if !dst.dry_run
+                && let Some(state) = dst.state.take()
+            {
+                state.remove()?;
+            }
+            return Ok(DestOutcome {
+                root: ours,
+                stats,
+                received,
+            });
+        }
+        let chunk_rx: &Receiver<Result<Chunk, DiskError>> =
+            if chunks_open { &chunks } else { &never };
+        select! {
+            recv(chunk_rx) -> c => match c {
+                Ok(c) => {
+                    let c = c?;
+                    stats.bytes_read += c.data.iter().map(|r| (r.end - r.start) as u64).sum::<u64>();
+                    let tree = c.tree.ok_or_else(|| SyncError::Invalid("chunk not hashed".into()))?;
+                    tops.insert(c.idx, tree.top);
+                    pending.insert(c.idx, Pending { buf: c.buf, tree: Some(tree), writes: vec![], zeros: vec![] });
+                    // Batch top hashes, but never sit on them while the reader is idle.
+                    if chunks.is_empty() || tops.len() >= TOP_BATCH {
+                        let mut batch = Vec::new();
+                        while let Some(h) = tops.remove(&next_top) {
+                            batch.push(h);
+                            next_top += 1;
+                        }
+                        if !batch.is_empty() {
+                            tx.send(Msg::TopHashes { first_chunk: next_top - batch.len() as u64, hashes: batch })?;
+                        }
+                    }
+                }
+                Err(_) => chunks_open = false,
+            },
+            recv(results) -> r => {
+                let d = r.map_err(|_| SyncError::Invalid("finalizer stopped".into()))??;
+                if d.blake3 != d.expected && !dst.dry_run {
+                    return Err(SyncError::Mismatch(format!(
+                        "chunk {} (offset {}) differs from the source after writing",
+                        d.idx, d.idx * CHUNK_SIZE
+                    )));
+                }
+                stats.bytes_written += d.written;
+                stats.bytes_zeroed += d.zeroed;
+                done.insert(d.idx, d.blake3);
+                while let Some(h) = done.remove(&(hashes.len() as u64)) {
+                    hashes.push(h);
+                    if let Some(p) = &dst.progress {
+                        p.done.fetch_add(chunk_len(dst.size, hashes.len() as u64 - 1) as u64, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+                let cursor = hashes.len() as u64;
+                if !dst.dry_run && (cursor - durable >= DURABLE_EVERY || (cursor == n && cursor > durable)) {
+                    if let Some(d) = &dst.disk {
+                        d.sync_data()?;
+                    }
+                    if let Some(state) = &mut dst.state {
+                        state.append(&hashes[durable as usize..cursor as usize])?;
+                    }
+                    durable = cursor;
+                    tx.send(Msg::Durable { chunks: cursor })?;
+                }
+            },
+            recv(rx.rx) -> m => {
+                let m = m.map_err(|_| WireError::Closed { during: "receiving" })??;
+                match m {
+                    Msg::WantNodes { chunk } => {
+                        let t = tree_of(&pending, chunk)?;
+                        tx.send(Msg::NodeHashes { chunk, hashes: t.nodes.clone() })?;
+                    }
+                    Msg::WantLeaves { chunk, mask } => {
+                        let t = tree_of(&pending, chunk)?;
+                        tx.send(Msg::LeafHashes { chunk, mask, hashes: t.leaves_under(mask) })?;
+                    }
+                    Msg::Data { offset, bytes } => {
+                        let (p, r) = target(&mut pending, &pool, dst, offset, bytes.len() as u64)?;
+                        received.leaves_differing += leaves(bytes.len() as u64);
+                        received.bytes_differing += bytes.len() as u64;
+                        received.data_bytes += bytes.len() as u64;
+                        p.buf[r.clone()].copy_from_slice(&bytes);
+                        p.writes.push(r);
+                    }
+                    Msg::Zero { offset, len } => {
+                        let (p, r) = target(&mut pending, &pool, dst, offset, len)?;
+                        received.leaves_differing += leaves(len);
+                        received.bytes_differing += len;
+                        received.zero_bytes += len;
+                        p.buf[r.clone()].fill(0);
+                        p.zeros.push(r);
+                    }
+                    Msg::ChunkEnd { chunk, blake3 } => {
+                        if chunk >= n || chunk < dst.start {
+                            return Err(violation(format!("end of chunk {chunk}, outside the sync")));
+                        }
+                        let p = match pending.remove(&chunk) {
+                            Some(p) => p,
+                            None if dst.full => {
+                                let mut buf = pool.take(chunk_len(dst.size, chunk));
+                                buf.fill(0);
+                                Pending { buf, tree: None, writes: vec![], zeros: vec![] }
+                            }
+                            None => return Err(violation(format!("end of chunk {chunk}, which is not pending"))),
+                        };
+                        if let Some(j) = &jobs_tx {
+                            j.send(Job { idx: chunk, p, expected: blake3 }).map_err(|_| SyncError::Invalid("finalizer stopped".into()))?;
+                        }
+                    }
+                    Msg::Finish { root } => {
+                        source_root = Some(root);
+                        jobs_tx.take();
+                    }
+                    Msg::Error { code, message } => return Err(SyncError::from_remote(code, message)),
+                    other => return Err(violation(format!("unexpected {} at the destination", other.name()))),
+                }
+            }
+        }
+    }
+}
+
+fn violation(s: String) -> SyncError {
+    SyncError::Wire(WireError::Protocol(s))
+}
+
+fn tree_of(pending: &HashMap<u64, Pending>, chunk: u64) -> Result<&ChunkTree, SyncError> {
+    pending
+        .get(&chunk)
+        .and_then(|p| p.tree.as_ref())
+        .ok_or_else(|| {
+            violation(format!(
+                "hashes asked for chunk {chunk}, which is not pending"
+            ))
+        })
+}
+
+/// The pending chunk a `Data`/`Zero` of `len` bytes at `offset` lands in, and
+/// the range inside it. A range outside the disk or across chunks is refused.
+fn target<'a>(
+    pending: &'a mut HashMap<u64, Pending>,
+    pool: &BufPool,
+    dst: &Dest,
+    offset: u64,
+    len: u64,
+) -> Result<(&'a mut Pending, Range<usize>), SyncError> {
+    let chunk = offset / CHUNK_SIZE;
+    let end = offset
+        .checked_add(len)
+        .ok_or_else(|| violation("range overflows".into()))?;
+    if end > dst.size || end > (chunk + 1) * CHUNK_SIZE || chunk < dst.start {
+        return Err(violation(format!(
+            "write of {len} bytes at {offset} is outside its chunk"
+        )));
+    }
+    if let std::collections::hash_map::Entry::Vacant(e) = pending.entry(chunk) {
+        if !dst.full {
+            return Err(violation(format!(
+                "data for chunk {chunk}, which is not pending"
+            )));
+        }
+        let mut buf = pool.take(chunk_len(dst.size, chunk));
+        buf.fill(0);
+        e.insert(Pending {
+            buf,
+            tree: None,
+            writes: vec![],
+            zeros: vec![],
+        });
+    }
+    let p = pending
+        .get_mut(&chunk)
+        .ok_or_else(|| violation("chunk vanished".into()))?;
+    let s = (offset - chunk * CHUNK_SIZE) as usize;
+    Ok((p, s..s + len as usize))
+}
+
+/// Threads that write a finished chunk's changes and hash its final content.
+fn spawn_finalizers(
+    disk: Option<Arc<Disk>>,
+    dry_run: bool,
+    threads: usize,
+) -> (Sender<Job>, Receiver<Result<Done, SyncError>>) {
+    let (jtx, jrx) = bounded::<Job>(threads * 2);
+    let (rtx, rrx) = bounded(threads * 4);
+    for _ in 0..threads.max(1) {
+        let jrx = jrx.clone();
+        let rtx = rtx.clone();
+        let disk = disk.clone();
+        std::thread::spawn(move || {
+            for job in jrx {
+                let r = finalize(disk.as_deref(), dry_run, job);
+                let failed = r.is_err();
+                if rtx.send(r).is_err() || failed {
+                    return;
+                }
+            }
+        });
+    }
+    (jtx, rrx)
+}
+
+fn finalize(disk: Option<&Disk>, dry_run: bool, job: Job) -> Result<Done, SyncError> {
+    let base = job.idx * CHUNK_SIZE;
+    let (mut written, mut zeroed) = (0, 0);
+    if !dry_run {
+        let disk = disk.ok_or_else(|| SyncError::Invalid("no destination disk".into()))?;
+        for w in &job.p.writes {
+            disk.write_at(&job.p.buf[w.clone()], base + w.start as u64)?;
+            written += (w.end - w.start) as u64;
+        }
+        for z in &job.p.zeros {
+            disk.zero_range(base + z.start as u64..base + z.end as u64)?;
+            zeroed += (z.end - z.start) as u64;
+        }
+    }
+    let blake3 = *blake3::hash(&job.p.buf).as_bytes();
+    Ok(Done {
+        idx: job.idx,
+        blake3,
+        expected: job.expected,
+        written,
+        zeroed,
+    })
+}

@@ -1,0 +1,189 @@
+//! Reading and hashing chunks, pipelined: one thread reads chunks in order
+//! (skipping holes), a pool of threads hashes them; buffers come from a
+//! bounded pool, which is what bounds memory.
+
+use crate::tree::{ChunkTree, TreeHasher};
+use crossbeam_channel::{Receiver, Sender, bounded};
+use rebound_disk::{Disk, DiskError};
+use rebound_types::CHUNK_SIZE;
+use std::ops::Range;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// A bounded pool of chunk buffers. Taking blocks once all are in use.
+#[derive(Clone)]
+pub struct BufPool {
+    tx: Sender<Vec<u8>>,
+    rx: Receiver<Vec<u8>>,
+    made: Arc<AtomicUsize>,
+    limit: usize,
+}
+
+impl BufPool {
+    pub fn new(limit: usize) -> BufPool {
+        let (tx, rx) = bounded(limit);
+        BufPool {
+            tx,
+            rx,
+            made: Arc::new(AtomicUsize::new(0)),
+            limit,
+        }
+    }
+
+    /// A buffer of `len` bytes (content unspecified).
+    pub fn take(&self, len: usize) -> Buf {
+        let mut v = match self.rx.try_recv() {
+            Ok(v) => v,
+            Err(_) if self.made.fetch_add(1, Ordering::Relaxed) < self.limit => {
+                Vec::with_capacity(CHUNK_SIZE as usize)
+            }
+            Err(_) => {
+                // Everything made is in use: wait for one to come back.
+                self.made.fetch_sub(1, Ordering::Relaxed);
+                self.rx.recv().unwrap_or_default()
+            }
+        };
+        v.resize(len, 0);
+        Buf {
+            data: v,
+            pool: self.tx.clone(),
+        }
+    }
+}
+
+/// A pooled buffer; goes back to its pool when dropped.
+pub struct Buf {
+    data: Vec<u8>,
+    pool: Sender<Vec<u8>>,
+}
+
+impl std::ops::Deref for Buf {
+    type Target = Vec<u8>;
+    fn deref(&self) -> &Vec<u8> {
+        &self.data
+    }
+}
+
+impl std::ops::DerefMut for Buf {
+    fn deref_mut(&mut self) -> &mut Vec<u8> {
+        &mut self.data
+    }
+}
+
+impl Drop for Buf {
+    fn drop(&mut self) {
+        let _ = self.pool.try_send(std::mem::take(&mut self.data));
+    }
+}
+
+/// A chunk read and hashed.
+pub struct Chunk {
+    pub idx: u64,
+    pub buf: Buf,
+    /// Byte ranges of `buf` that were read (everything else is a hole).
+    pub data: Vec<Range<usize>>,
+    pub tree: Option<ChunkTree>,
+    pub blake3: Option<[u8; 32]>,
+}
+
+/// What to compute for each chunk.
+#[derive(Clone)]
+pub struct Want {
+    pub tree: Option<Arc<TreeHasher>>,
+    pub blake3: bool,
+}
+
+/// Length of chunk `idx` of a disk of `size` bytes.
+pub fn chunk_len(size: u64, idx: u64) -> usize {
+    (size - idx * CHUNK_SIZE).min(CHUNK_SIZE) as usize
+}
+
+/// Start reading chunks `range` of `disk` (or of an all-zero disk when
+/// `disk` is `None`). Chunks arrive on the returned channel possibly out of
+/// order; the channel ends after the last chunk or the first error.
+pub fn spawn(
+    disk: Option<Arc<Disk>>,
+    size: u64,
+    range: Range<u64>,
+    pool: BufPool,
+    want: Want,
+    hashers: usize,
+) -> Receiver<Result<Chunk, DiskError>> {
+    let hashers = hashers.max(1);
+    let (work_tx, work_rx) = bounded::<Chunk>(hashers * 2);
+    let (out_tx, out_rx) = bounded::<Result<Chunk, DiskError>>(hashers * 2);
+    for _ in 0..hashers {
+        let work_rx = work_rx.clone();
+        let out_tx = out_tx.clone();
+        let want = want.clone();
+        std::thread::spawn(move || {
+            for mut c in work_rx {
+                if let Some(h) = &want.tree {
+                    c.tree = Some(if c.data.is_empty() {
+                        ChunkTree::zero(c.buf.len())
+                    } else {
+                        h.chunk(&c.buf, &c.data)
+                    });
+                }
+                if want.blake3 {
+                    c.blake3 = Some(*blake3::hash(&c.buf).as_bytes());
+                }
+                if out_tx.send(Ok(c)).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    std::thread::spawn(move || {
+        for idx in range {
+            let len = chunk_len(size, idx);
+            match read_chunk(disk.as_deref(), size, idx, len, &pool) {
+                Ok(c) => {
+                    if work_tx.send(c).is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    let _ = out_tx.send(Err(e));
+                    return;
+                }
+            }
+        }
+    });
+    out_rx
+}
+
+fn read_chunk(
+    disk: Option<&Disk>,
+    size: u64,
+    idx: u64,
+    len: usize,
+    pool: &BufPool,
+) -> Result<Chunk, DiskError> {
+    let mut buf = pool.take(len);
+    let start = idx * CHUNK_SIZE;
+    let mut data = Vec::new();
+    if let Some(disk) = disk {
+        let end = (start + len as u64).min(size);
+        for ext in disk.data_extents(start..end)? {
+            data.push((ext.start - start) as usize..(ext.end - start) as usize);
+        }
+    }
+    // Holes are zero-filled in memory, data is read: each byte once.
+    let mut pos = 0;
+    for r in &data {
+        buf[pos..r.start].fill(0);
+        if let Some(disk) = disk {
+            disk.read_at(&mut buf[r.clone()], start + r.start as u64)?;
+        }
+        pos = r.end;
+    }
+    buf[pos..].fill(0);
+    Ok(Chunk {
+        idx,
+        buf,
+        data,
+        tree: None,
+        blake3: None,
+    })
+}
