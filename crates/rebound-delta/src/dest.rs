@@ -13,8 +13,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 use std::sync::Arc;
 
-/// fsync and advance the cursor at least every this many chunks (256 MiB).
-const DURABLE_EVERY: u64 = 64;
 /// Send top hashes in batches of at most this many chunks.
 const TOP_BATCH: usize = 256;
 
@@ -190,7 +188,7 @@ fn run_inner(
                     }
                 }
                 let cursor = hashes.len() as u64;
-                if !dst.dry_run && (cursor - durable >= DURABLE_EVERY || (cursor == n && cursor > durable)) {
+                if !dst.dry_run && (cursor - durable >= dst.tuning.durable_every || (cursor == n && cursor > durable)) {
                     if let Some(d) = &dst.disk {
                         d.sync_data()?;
                     }

@@ -72,16 +72,27 @@ pub struct Tuning {
     pub buffers: usize,
     /// Hashing threads.
     pub hashers: usize,
+    /// The destination fsyncs and advances the resume cursor every this many
+    /// chunks (`REBOUND_SYNC_DURABLE_CHUNKS`, default 64 = 256 MiB).
+    pub durable_every: u64,
+    /// Fault injection for tests: the source sleeps this long after reading
+    /// each chunk (`REBOUND_FAULT_CHUNK_DELAY_MS`), so that a test can kill a
+    /// sync in the middle.
+    pub chunk_delay: Duration,
+}
+
+fn env_u64(name: &str) -> Option<u64> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
 }
 
 impl Default for Tuning {
     fn default() -> Tuning {
-        let cores = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(2);
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
         Tuning {
             buffers: 16,
             hashers: cores,
+            durable_every: env_u64("REBOUND_SYNC_DURABLE_CHUNKS").unwrap_or(64).max(1),
+            chunk_delay: Duration::from_millis(env_u64("REBOUND_FAULT_CHUNK_DELAY_MS").unwrap_or(0)),
         }
     }
 }

@@ -144,6 +144,9 @@ impl Run<'_> {
     fn on_chunk(&mut self, c: Chunk) -> Result<(), SyncError> {
         self.counts.bytes_read += c.data.iter().map(|r| (r.end - r.start) as u64).sum::<u64>();
         let idx = c.idx;
+        if !self.src.tuning.chunk_delay.is_zero() {
+            std::thread::sleep(self.src.tuning.chunk_delay);
+        }
         if self.src.full {
             let all: Vec<usize> = (0..c.buf.len().div_ceil(LEAF_SIZE as usize)).collect();
             self.pending.insert(idx, c);
