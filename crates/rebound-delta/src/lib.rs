@@ -87,12 +87,16 @@ fn env_u64(name: &str) -> Option<u64> {
 
 impl Default for Tuning {
     fn default() -> Tuning {
-        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2);
         Tuning {
             buffers: 16,
             hashers: cores,
             durable_every: env_u64("REBOUND_SYNC_DURABLE_CHUNKS").unwrap_or(64).max(1),
-            chunk_delay: Duration::from_millis(env_u64("REBOUND_FAULT_CHUNK_DELAY_MS").unwrap_or(0)),
+            chunk_delay: Duration::from_millis(
+                env_u64("REBOUND_FAULT_CHUNK_DELAY_MS").unwrap_or(0),
+            ),
         }
     }
 }

@@ -103,7 +103,10 @@ fn model_diff(a: &Path, b: &Path) -> (u64, u64) {
     let mut b = std::fs::read(b).unwrap_or_default();
     b.resize(a.len(), 0);
     let (mut diff, mut zero) = (0, 0);
-    for (x, y) in a.chunks(LEAF_SIZE as usize).zip(b.chunks(LEAF_SIZE as usize)) {
+    for (x, y) in a
+        .chunks(LEAF_SIZE as usize)
+        .zip(b.chunks(LEAF_SIZE as usize))
+    {
         if x != y {
             diff += 1;
             if x.iter().all(|&v| v == 0) {
@@ -115,7 +118,12 @@ fn model_diff(a: &Path, b: &Path) -> (u64, u64) {
 }
 
 fn small_tuning() -> Tuning {
-    Tuning { buffers: 4, hashers: 2, durable_every: 1, ..Tuning::default() }
+    Tuning {
+        buffers: 4,
+        hashers: 2,
+        durable_every: 1,
+        ..Tuning::default()
+    }
 }
 
 proptest! {
@@ -167,7 +175,9 @@ fn server(root: &Path) -> (u16, Token) {
 }
 
 fn addr(port: u16, name: &str) -> RemoteAddr {
-    RemoteAddr::parse(&format!("rebound://127.0.0.1:{port}/{name}")).unwrap().unwrap()
+    RemoteAddr::parse(&format!("rebound://127.0.0.1:{port}/{name}"))
+        .unwrap()
+        .unwrap()
 }
 
 #[test]
@@ -177,28 +187,64 @@ fn push_and_pull_over_tcp_with_holes_and_compression() {
     std::fs::create_dir(&root).unwrap();
     let (port, token) = server(&root);
     let a = dir.path().join("a");
-    let regions = [Region::Random(3 << 20), Region::Hole(9 << 20), Region::Zeros(1 << 20), Region::Random(777_777)];
+    let regions = [
+        Region::Random(3 << 20),
+        Region::Hole(9 << 20),
+        Region::Zeros(1 << 20),
+        Region::Random(777_777),
+    ];
     let size = write_image(&a, &regions, 42);
-    for compression in [rebound_wire::Compression::Lz4, rebound_wire::Compression::Zstd, rebound_wire::Compression::None] {
-        let opts = Options { compression, state_dir: Some(dir.path().join("state")), ..Options::default() };
+    for compression in [
+        rebound_wire::Compression::Lz4,
+        rebound_wire::Compression::Zstd,
+        rebound_wire::Compression::None,
+    ] {
+        let opts = Options {
+            compression,
+            state_dir: Some(dir.path().join("state")),
+            ..Options::default()
+        };
         let name = format!("disk-{compression:?}");
         let r = rebound_delta::push(&a, &addr(port, &name), &token, &opts, None).unwrap();
         assert!(r.identical);
-        assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(root.join(&name)).unwrap());
+        assert_eq!(
+            std::fs::read(&a).unwrap(),
+            std::fs::read(root.join(&name)).unwrap()
+        );
         // Holes and zero blocks were not sent: the wire carried about the data.
-        assert!(r.wire_bytes_sent < (3 << 20) + 777_777 + 65_536, "{} bytes on the wire", r.wire_bytes_sent);
+        assert!(
+            r.wire_bytes_sent < (3 << 20) + 777_777 + 65_536,
+            "{} bytes on the wire",
+            r.wire_bytes_sent
+        );
         // The destination stays sparse: the zero megabyte is a hole there.
         let d = Disk::open_read(&root.join(&name)).unwrap();
-        let allocated: u64 = d.data_extents(0..size).unwrap().iter().map(|r| r.end - r.start).sum();
+        let allocated: u64 = d
+            .data_extents(0..size)
+            .unwrap()
+            .iter()
+            .map(|r| r.end - r.start)
+            .sum();
         assert!(allocated < 4_500_000, "{allocated} bytes allocated");
     }
     // Change a few blocks on the server copy and pull it back into a copy of `a`.
     let remote = root.join("disk-Lz4");
-    apply(&remote, &[Change::Block(12345), Change::Block(99 << 20), Change::Zero(1 << 20, 8192)], size);
+    apply(
+        &remote,
+        &[
+            Change::Block(12345),
+            Change::Block(99 << 20),
+            Change::Zero(1 << 20, 8192),
+        ],
+        size,
+    );
     let (want, _) = model_diff(&remote, &a);
     let b = dir.path().join("b");
     std::fs::copy(&a, &b).unwrap();
-    let opts = Options { state_dir: Some(dir.path().join("state")), ..Options::default() };
+    let opts = Options {
+        state_dir: Some(dir.path().join("state")),
+        ..Options::default()
+    };
     let r = rebound_delta::pull(&addr(port, "disk-Lz4"), &b, &token, &opts, None).unwrap();
     assert!(r.identical);
     assert_eq!(r.leaves_differing, want);
@@ -221,26 +267,92 @@ fn refusals_come_with_codes_and_change_nothing() {
     let code = |r: Result<rebound_delta::Report, SyncError>| r.unwrap_err().code();
 
     let wrong = Token::new("not-the-right-token!").unwrap();
-    assert_eq!(code(rebound_delta::push(&a, &addr(port, "x"), &wrong, &opts, None)), ErrorCode::AuthFailed);
+    assert_eq!(
+        code(rebound_delta::push(
+            &a,
+            &addr(port, "x"),
+            &wrong,
+            &opts,
+            None
+        )),
+        ErrorCode::AuthFailed
+    );
     assert!(!root.join("x").exists(), "a refused client created a disk");
-    assert_eq!(code(rebound_delta::push(&a, &addr(port, "../x"), &token, &opts, None)), ErrorCode::InvalidArgument);
-    assert_eq!(code(rebound_delta::pull(&addr(port, "nope"), &dir.path().join("n"), &token, &opts, None)), ErrorCode::ExportNotFound);
+    assert_eq!(
+        code(rebound_delta::push(
+            &a,
+            &addr(port, "../x"),
+            &token,
+            &opts,
+            None
+        )),
+        ErrorCode::InvalidArgument
+    );
+    assert_eq!(
+        code(rebound_delta::pull(
+            &addr(port, "nope"),
+            &dir.path().join("n"),
+            &token,
+            &opts,
+            None
+        )),
+        ErrorCode::ExportNotFound
+    );
     assert!(!dir.path().join("n").exists());
-    assert_eq!(code(rebound_delta::sync_local(&dir.path().join("missing"), &dir.path().join("b"), &opts, None)), ErrorCode::SourceMissing);
-    assert_eq!(code(rebound_delta::sync_local(dir.path(), &dir.path().join("b"), &opts, None)), ErrorCode::NotADisk);
+    assert_eq!(
+        code(rebound_delta::sync_local(
+            &dir.path().join("missing"),
+            &dir.path().join("b"),
+            &opts,
+            None
+        )),
+        ErrorCode::SourceMissing
+    );
+    assert_eq!(
+        code(rebound_delta::sync_local(
+            dir.path(),
+            &dir.path().join("b"),
+            &opts,
+            None
+        )),
+        ErrorCode::NotADisk
+    );
     assert!(!dir.path().join("b").exists());
     // A larger destination is not cut without --allow-shrink.
     let big = dir.path().join("big");
     write_image(&big, &[Region::Random(200_000)], 2);
     let before = std::fs::read(&big).unwrap();
-    assert_eq!(code(rebound_delta::sync_local(&a, &big, &opts, None)), ErrorCode::ShrinkRefused);
+    assert_eq!(
+        code(rebound_delta::sync_local(&a, &big, &opts, None)),
+        ErrorCode::ShrinkRefused
+    );
     assert_eq!(std::fs::read(&big).unwrap(), before);
-    let shrink = Options { allow_shrink: true, ..Options::default() };
-    assert!(rebound_delta::sync_local(&a, &big, &shrink, None).unwrap().identical);
+    let shrink = Options {
+        allow_shrink: true,
+        ..Options::default()
+    };
+    assert!(
+        rebound_delta::sync_local(&a, &big, &shrink, None)
+            .unwrap()
+            .identical
+    );
     assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&big).unwrap());
     // Unreachable server.
-    let closed = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    assert_eq!(code(rebound_delta::push(&a, &addr(closed, "x"), &token, &opts, None)), ErrorCode::ConnectFailed);
+    let closed = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    assert_eq!(
+        code(rebound_delta::push(
+            &a,
+            &addr(closed, "x"),
+            &token,
+            &opts,
+            None
+        )),
+        ErrorCode::ConnectFailed
+    );
 }
 
 /// A fake source that misbehaves after the handshake.
@@ -253,7 +365,11 @@ fn evil_server(behaviour: fn(&mut std::net::TcpStream)) -> u16 {
         let token = Token::new("test-token-0123456789").unwrap();
         server_handshake(&mut s, &token, (1, 1)).unwrap();
         let _open = read_frame(&mut s).unwrap();
-        let opened = Msg::Opened(Opened { size: 8 << 20, session: [1; 16], resume_chunks: 0 });
+        let opened = Msg::Opened(Opened {
+            size: 8 << 20,
+            session: [1; 16],
+            resume_chunks: 0,
+        });
         std::io::Write::write_all(&mut s, &encode_frame(&opened, Compression::None)).unwrap();
         behaviour(&mut s);
     });
@@ -267,10 +383,16 @@ fn corrupt_or_cut_frames_stop_the_sync_without_damage() {
     let b = dir.path().join("b");
     write_image(&b, &[Region::Random(8 << 20)], 7);
     let before = std::fs::read(&b).unwrap();
-    let opts = Options { state_dir: Some(dir.path().join("state")), ..Options::default() };
+    let opts = Options {
+        state_dir: Some(dir.path().join("state")),
+        ..Options::default()
+    };
 
     let corrupt = evil_server(|s| {
-        let mut f = rebound_wire::encode_frame(&rebound_wire::Msg::WantNodes { chunk: 0 }, rebound_wire::Compression::None);
+        let mut f = rebound_wire::encode_frame(
+            &rebound_wire::Msg::WantNodes { chunk: 0 },
+            rebound_wire::Compression::None,
+        );
         let last = f.len() - 1;
         f[last] ^= 0xff;
         let _ = std::io::Write::write_all(s, &f);
@@ -282,7 +404,10 @@ fn corrupt_or_cut_frames_stop_the_sync_without_damage() {
 
     let cut = evil_server(|s| {
         let f = rebound_wire::encode_frame(
-            &rebound_wire::Msg::Data { offset: 0, bytes: vec![1; 4096] },
+            &rebound_wire::Msg::Data {
+                offset: 0,
+                bytes: vec![1; 4096],
+            },
             rebound_wire::Compression::None,
         );
         let _ = std::io::Write::write_all(s, &f[..100]);
@@ -291,4 +416,3 @@ fn corrupt_or_cut_frames_stop_the_sync_without_damage() {
     assert_eq!(e.code(), ErrorCode::PeerClosed, "{e}");
     assert_eq!(std::fs::read(&b).unwrap(), before);
 }
-
