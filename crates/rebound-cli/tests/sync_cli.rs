@@ -163,8 +163,9 @@ fn sigkill_at_any_moment_then_resume_ends_identical() {
         ("REBOUND_SYNC_DURABLE_CHUNKS", "2"),
         ("REBOUND_STATE_DIR", state.to_str().unwrap()),
     ];
-    let mut resumed_once = false;
-    for kill_after_ms in [250u64, 420, 610] {
+    // Kill once both sides have made some chunks durable (polling their
+    // resume logs), plus a different extra delay each round.
+    for extra_ms in [0u64, 35, 170] {
         let mut child = Command::new(BIN)
             .args(["sync", a.to_str().unwrap(), b.to_str().unwrap()])
             .envs(slow)
@@ -172,7 +173,19 @@ fn sigkill_at_any_moment_then_resume_ends_identical() {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        std::thread::sleep(Duration::from_millis(kill_after_ms));
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !both_logs_started(&state) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the sync made no chunk durable in 30 s"
+            );
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "the sync ended before it could be killed"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        std::thread::sleep(Duration::from_millis(extra_ms));
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
         let o = Command::new(BIN)
@@ -189,13 +202,30 @@ fn sigkill_at_any_moment_then_resume_ends_identical() {
         assert!(o.status.success(), "{}", stderr(&o));
         let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
         assert_eq!(j["identical"], true);
-        resumed_once |= j["chunks_resumed"].as_u64().unwrap() > 0;
+        assert!(
+            j["chunks_resumed"].as_u64().unwrap() > 0,
+            "did not resume: {j}"
+        );
         qemu_compare(&a, &b);
-        // Start again from a stale destination for the next round.
-        scribble(&b, &[0, 20 << 20, 40 << 20]);
+        // Start again from a missing destination for the next round.
         std::fs::remove_file(&b).unwrap();
     }
-    assert!(resumed_once, "no run resumed from a persistent cursor");
+}
+
+/// True when the source's and the destination's resume logs both hold a record.
+fn both_logs_started(state: &Path) -> bool {
+    let Ok(dirs) = std::fs::read_dir(state.join("sync")) else {
+        return false;
+    };
+    let sizes: Vec<u64> = dirs
+        .filter_map(|d| d.ok())
+        .map(|d| {
+            std::fs::metadata(d.path().join("chunks.log"))
+                .map(|m| m.len())
+                .unwrap_or(0)
+        })
+        .collect();
+    sizes.len() == 2 && sizes.iter().all(|&s| s >= 44)
 }
 
 fn start_server(root: &Path, token_file: &Path) -> (Child, u16) {

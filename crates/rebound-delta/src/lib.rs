@@ -70,7 +70,8 @@ impl Default for Options {
 pub struct Tuning {
     /// Chunk buffers in flight (4 MiB each): bounds memory.
     pub buffers: usize,
-    /// Hashing threads.
+    /// Threads that read and hash chunks (more than the cores: they also
+    /// wait on the disk). Also the number of encoding and finishing threads.
     pub hashers: usize,
     /// The destination fsyncs and advances the resume cursor every this many
     /// chunks (`REBOUND_SYNC_DURABLE_CHUNKS`, default 64 = 256 MiB).
@@ -92,7 +93,7 @@ impl Default for Tuning {
             .unwrap_or(2);
         Tuning {
             buffers: 16,
-            hashers: cores,
+            hashers: (cores * 2).clamp(2, 8),
             durable_every: env_u64("REBOUND_SYNC_DURABLE_CHUNKS").unwrap_or(64).max(1),
             chunk_delay: Duration::from_millis(
                 env_u64("REBOUND_FAULT_CHUNK_DELAY_MS").unwrap_or(0),

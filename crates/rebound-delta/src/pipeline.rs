@@ -8,7 +8,7 @@ use rebound_disk::{Disk, DiskError};
 use rebound_types::CHUNK_SIZE;
 use std::ops::Range;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 /// A bounded pool of chunk buffers. Taking blocks once all are in use.
 #[derive(Clone)]
@@ -101,66 +101,63 @@ pub fn chunk_len(size: u64, idx: u64) -> usize {
 /// Start reading chunks `range` of `disk` (or of an all-zero disk when
 /// `disk` is `None`). Chunks arrive on the returned channel possibly out of
 /// order; the channel ends after the last chunk or the first error.
+///
+/// Each worker reads and hashes whole chunks, so several reads are in flight
+/// at once (disks and virtual disks want a queue, not one request at a time).
+/// A worker takes its buffer before it claims the next chunk index: a claimed
+/// chunk can always be read, so the lowest chunk in flight always completes
+/// and the two sides of a sync cannot wait on each other's buffers.
 pub fn spawn(
     disk: Option<Arc<Disk>>,
     size: u64,
     range: Range<u64>,
     pool: BufPool,
     want: Want,
-    hashers: usize,
+    workers: usize,
 ) -> Receiver<Result<Chunk, DiskError>> {
-    let hashers = hashers.max(1);
-    let (work_tx, work_rx) = bounded::<Chunk>(hashers * 2);
-    let (out_tx, out_rx) = bounded::<Result<Chunk, DiskError>>(hashers * 2);
-    for _ in 0..hashers {
-        let work_rx = work_rx.clone();
-        let out_tx = out_tx.clone();
-        let want = want.clone();
+    let workers = workers.max(1);
+    let (out_tx, out_rx) = bounded::<Result<Chunk, DiskError>>(workers * 2);
+    let next = Arc::new(AtomicU64::new(range.start));
+    let failed = Arc::new(AtomicBool::new(false));
+    for _ in 0..workers {
+        let (out_tx, want, pool, disk) = (out_tx.clone(), want.clone(), pool.clone(), disk.clone());
+        let (next, failed) = (next.clone(), failed.clone());
+        let end = range.end;
         std::thread::spawn(move || {
-            for mut c in work_rx {
-                if let Some(h) = &want.tree {
-                    c.tree = Some(if c.data.is_empty() {
-                        ChunkTree::zero(c.buf.len())
-                    } else {
-                        h.chunk(&c.buf, &c.data)
-                    });
+            loop {
+                let buf = pool.take(CHUNK_SIZE as usize);
+                let idx = next.fetch_add(1, Ordering::Relaxed);
+                if idx >= end || failed.load(Ordering::Relaxed) {
+                    return;
                 }
-                if want.blake3 {
-                    c.blake3 = Some(*blake3::hash(&c.buf).as_bytes());
+                let result = read_chunk(disk.as_deref(), size, idx, buf).map(|mut c| {
+                    if let Some(h) = &want.tree {
+                        c.tree = Some(if c.data.is_empty() {
+                            ChunkTree::zero(c.buf.len())
+                        } else {
+                            h.chunk(&c.buf, &c.data)
+                        });
+                    }
+                    if want.blake3 {
+                        c.blake3 = Some(*blake3::hash(&c.buf).as_bytes());
+                    }
+                    c
+                });
+                if result.is_err() {
+                    failed.store(true, Ordering::Relaxed);
                 }
-                if out_tx.send(Ok(c)).is_err() {
+                if out_tx.send(result).is_err() {
                     return;
                 }
             }
         });
     }
-    std::thread::spawn(move || {
-        for idx in range {
-            let len = chunk_len(size, idx);
-            match read_chunk(disk.as_deref(), size, idx, len, &pool) {
-                Ok(c) => {
-                    if work_tx.send(c).is_err() {
-                        return;
-                    }
-                }
-                Err(e) => {
-                    let _ = out_tx.send(Err(e));
-                    return;
-                }
-            }
-        }
-    });
     out_rx
 }
 
-fn read_chunk(
-    disk: Option<&Disk>,
-    size: u64,
-    idx: u64,
-    len: usize,
-    pool: &BufPool,
-) -> Result<Chunk, DiskError> {
-    let mut buf = pool.take(len);
+fn read_chunk(disk: Option<&Disk>, size: u64, idx: u64, mut buf: Buf) -> Result<Chunk, DiskError> {
+    let len = chunk_len(size, idx);
+    buf.resize(len, 0);
     let start = idx * CHUNK_SIZE;
     let mut data = Vec::new();
     if let Some(disk) = disk {

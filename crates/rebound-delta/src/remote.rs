@@ -416,12 +416,22 @@ struct BusyGuard<'a> {
 }
 
 impl<'a> BusyGuard<'a> {
+    /// Claim `name`. A session that just ended may still be tearing down its
+    /// connection, so wait a little for it before refusing.
     fn take(set: &'a Mutex<HashSet<String>>, name: &str) -> Option<BusyGuard<'a>> {
-        let mut s = set.lock().ok()?;
-        s.insert(name.to_string()).then(|| BusyGuard {
-            set,
-            name: name.to_string(),
-        })
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if set.lock().ok()?.insert(name.to_string()) {
+                return Some(BusyGuard {
+                    set,
+                    name: name.to_string(),
+                });
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 
