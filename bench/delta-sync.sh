@@ -9,7 +9,8 @@
 # Environment: SIZE_GIB (default 8), WORK (scratch directory, default a new
 # one under /var/tmp, removed at the end unless KEEP=1), REBOUND (binary;
 # default: build target/release/rebound), DROP_CACHES=0 to keep the page cache
-# between runs (default: drop it before every timed command when root).
+# between runs (default: drop it before every timed command when root),
+# PCTS (changed percentages, default 1,10), SKIP_RSYNC=1 (rsync is slow).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps

@@ -51,6 +51,9 @@ pub fn code_of(err: &anyhow::Error) -> Option<ErrorCode> {
         if let Some(f) = cause.downcast_ref::<Failure>() {
             return Some(f.code);
         }
+        if let Some(e) = cause.downcast_ref::<rebound_journal::JournalError>() {
+            return Some(e.code());
+        }
         if let Some(e) = cause.downcast_ref::<rebound_disk::DiskError>() {
             return Some(e.code());
         }

@@ -25,6 +25,9 @@ struct Cli {
 enum Command {
     /// Print every error code with its meaning and remedy.
     Errors(cmd::errors::Args),
+    /// Inspect, list, materialise and verify replica journals on a retention volume.
+    #[command(subcommand)]
+    Journal(cmd::journal::Command),
     /// Make a destination disk byte-identical to a source disk, sending only what differs.
     Sync(cmd::sync::SyncArgs),
     /// Count exactly the leaves and bytes a sync would send, writing nothing.
@@ -45,6 +48,7 @@ fn main() -> ExitCode {
 
     let result = match cli.command {
         Command::Errors(args) => cmd::errors::run(args),
+        Command::Journal(args) => cmd::journal::run(args),
         Command::Sync(args) => cmd::sync::run_sync(args),
         Command::Diff(args) => cmd::sync::run_diff(args),
         Command::SyncServer(args) => cmd::sync::run_server(args),

@@ -3,9 +3,10 @@
 //! chunk against the source's BLAKE3 and moves the durable resume cursor.
 
 use crate::pipeline::{self, Buf, BufPool, Chunk, Want, chunk_len};
+use crate::state::SideState;
 use crate::tree::{ChunkTree, TreeHasher};
 use crate::{SyncError, Tuning, root_of};
-use crossbeam_channel::{Receiver, Sender, bounded, select};
+use crossbeam_channel::{Receiver, Sender, bounded, select, unbounded};
 use rebound_disk::{Disk, DiskError};
 use rebound_types::{CHUNK_SIZE, chunk_count};
 use rebound_wire::{FrameReader, FrameWriter, Msg, SyncStats, WireError};
@@ -64,7 +65,36 @@ pub(crate) fn run(
     tx: &mut FrameWriter,
     rx: &FrameReader,
 ) -> Result<DestOutcome, SyncError> {
-    let result = run_inner(dst, tx, rx);
+    // Chunks finished in an earlier run count in the root.
+    let resumed: Vec<[u8; 32]> = dst
+        .state
+        .as_ref()
+        .map(|s| s.hashes.iter().take(dst.start as usize).copied().collect())
+        .unwrap_or_default();
+    if resumed.len() as u64 != dst.start {
+        return Err(SyncError::State(format!(
+            "resuming at chunk {} without its hashes",
+            dst.start
+        )));
+    }
+    let (sync_tx, synced_rx, syncer) = spawn_syncer(dst.disk.clone(), dst.state.take());
+    let result = run_inner(dst, tx, rx, resumed, sync_tx, &synced_rx);
+    // The loop dropped its sender: the syncer finishes what it was given
+    // (so that a failed sync keeps every durable chunk for the next run)
+    // and hands the resume state back.
+    let state = syncer
+        .join()
+        .map_err(|_| SyncError::Invalid("syncer panicked".into()));
+    let result = match (result, state) {
+        (Ok(out), Ok(state)) => {
+            // Finished: the state is no longer needed.
+            if let (false, Some(state)) = (dst.dry_run, state) {
+                state.remove()?;
+            }
+            Ok(out)
+        }
+        (Ok(_), Err(e)) | (Err(e), _) => Err(e),
+    };
     if let Err(e) = &result
         && !matches!(e, SyncError::Wire(_) | SyncError::Remote { .. })
     {
@@ -77,6 +107,9 @@ fn run_inner(
     dst: &mut Dest,
     tx: &mut FrameWriter,
     rx: &FrameReader,
+    mut hashes: Vec<[u8; 32]>,
+    sync_tx: Sender<(u64, Vec<[u8; 32]>)>,
+    synced_rx: &Receiver<Result<u64, SyncError>>,
 ) -> Result<DestOutcome, SyncError> {
     let n = chunk_count(dst.size);
     let pool = BufPool::new(dst.tuning.buffers);
@@ -98,15 +131,14 @@ fn run_inner(
     };
     let (jobs_tx, results) = spawn_finalizers(dst.disk.clone(), dst.dry_run, dst.tuning.hashers);
 
-    let mut hashes: Vec<[u8; 32]> = Vec::with_capacity(n as usize);
-    if let Some(state) = &dst.state {
-        hashes.extend(state.hashes.iter().take(dst.start as usize));
-    }
+    hashes.reserve(n as usize);
     let mut pending: HashMap<u64, Pending> = HashMap::new();
     let mut tops: BTreeMap<u64, u128> = BTreeMap::new();
     let mut next_top = dst.start;
     let mut done: BTreeMap<u64, [u8; 32]> = BTreeMap::new();
-    let mut durable = dst.start;
+    // Chunks handed to the syncer, and chunks it has made durable.
+    let mut queued = dst.start;
+    let mut synced = dst.start;
     let mut source_root: Option<[u8; 32]> = None;
     let mut stats = SyncStats::default();
     let mut received = crate::Counts {
@@ -117,17 +149,15 @@ fn run_inner(
     let leaves = |len: u64| len.div_ceil(rebound_types::LEAF_SIZE);
     let mut chunks_open = !dst.full;
     let mut jobs_tx = Some(jobs_tx);
+    let mut results_open = true;
+    let never_done = crossbeam_channel::never();
 
     loop {
         let cursor = hashes.len() as u64;
         if let Some(root) = source_root
             && cursor == n
+            && (dst.dry_run || synced == n)
         {
-            if !dst.dry_run
-                && let Some(d) = &dst.disk
-            {
-                d.sync_data()?;
-            }
             let ours = root_of(hashes.iter().copied(), dst.size);
             tx.send(Msg::Finished { root: ours, stats })?;
             if ours != root && !dst.dry_run {
@@ -135,17 +165,13 @@ fn run_inner(
                     "the destination's BLAKE3 root differs from the source's".into(),
                 ));
             }
-            if !dst.dry_run
-                && let Some(state) = dst.state.take()
-            {
-                state.remove()?;
-            }
             return Ok(DestOutcome {
                 root: ours,
                 stats,
                 received,
             });
         }
+        let results_rx = if results_open { &results } else { &never_done };
         let chunk_rx: &Receiver<Result<Chunk, DiskError>> =
             if chunks_open { &chunks } else { &never };
         select! {
@@ -170,8 +196,17 @@ fn run_inner(
                 }
                 Err(_) => chunks_open = false,
             },
-            recv(results) -> r => {
-                let d = r.map_err(|_| SyncError::Invalid("finalizer stopped".into()))??;
+            recv(results_rx) -> r => {
+                let d = match r {
+                    Ok(d) => d?,
+                    // Finalizers end once Finish closed their queue and every
+                    // chunk is written: only the syncer is left to wait for.
+                    Err(_) if jobs_tx.is_none() => {
+                        results_open = false;
+                        continue;
+                    }
+                    Err(_) => return Err(SyncError::Invalid("finalizer stopped".into())),
+                };
                 if d.blake3 != d.expected && !dst.dry_run {
                     return Err(SyncError::Mismatch(format!(
                         "chunk {} (offset {}) differs from the source after writing",
@@ -188,16 +223,15 @@ fn run_inner(
                     }
                 }
                 let cursor = hashes.len() as u64;
-                if !dst.dry_run && (cursor - durable >= dst.tuning.durable_every || (cursor == n && cursor > durable)) {
-                    if let Some(d) = &dst.disk {
-                        d.sync_data()?;
-                    }
-                    if let Some(state) = &mut dst.state {
-                        state.append(&hashes[durable as usize..cursor as usize])?;
-                    }
-                    durable = cursor;
-                    tx.send(Msg::Durable { chunks: cursor })?;
+                if !dst.dry_run && (cursor - queued >= dst.tuning.durable_every || (cursor == n && cursor > queued)) {
+                    let fresh = hashes[queued as usize..cursor as usize].to_vec();
+                    sync_tx.send((cursor, fresh)).map_err(|_| SyncError::Invalid("syncer stopped".into()))?;
+                    queued = cursor;
                 }
+            },
+            recv(*synced_rx) -> r => {
+                synced = r.map_err(|_| SyncError::Invalid("syncer stopped".into()))??;
+                tx.send(Msg::Durable { chunks: synced })?;
             },
             recv(rx.rx) -> m => {
                 let m = m.map_err(|_| WireError::Closed { during: "receiving" })??;
@@ -308,6 +342,40 @@ fn target<'a>(
         .ok_or_else(|| violation("chunk vanished".into()))?;
     let s = (offset - chunk * CHUNK_SIZE) as usize;
     Ok((p, s..s + len as usize))
+}
+
+type Syncer = (
+    Sender<(u64, Vec<[u8; 32]>)>,
+    Receiver<Result<u64, SyncError>>,
+    std::thread::JoinHandle<Option<SideState>>,
+);
+
+/// A thread that makes written chunks durable (fdatasync, then the resume
+/// log) off the main loop, so that reading, comparing and writing go on while
+/// the disk flushes. It reports each cursor it made durable, and gives the
+/// resume state back when it ends.
+fn spawn_syncer(disk: Option<Arc<Disk>>, mut state: Option<SideState>) -> Syncer {
+    let (tx, rx) = unbounded::<(u64, Vec<[u8; 32]>)>();
+    let (done_tx, done_rx) = unbounded();
+    let handle = std::thread::spawn(move || {
+        for (cursor, hashes) in rx {
+            let r = (|| {
+                if let Some(d) = &disk {
+                    d.sync_data()?;
+                }
+                if let Some(s) = &mut state {
+                    s.append(&hashes)?;
+                }
+                Ok(cursor)
+            })();
+            let failed = r.is_err();
+            if done_tx.send(r).is_err() || failed {
+                break;
+            }
+        }
+        state
+    });
+    (tx, done_rx, handle)
 }
 
 /// Threads that write a finished chunk's changes and hash its final content.

@@ -275,6 +275,14 @@ pub(crate) fn open_dest(
     Ok((Some(Arc::new(d)), before))
 }
 
+struct ShutdownOnDrop(UnixStream);
+
+impl Drop for ShutdownOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.shutdown(std::net::Shutdown::Both);
+    }
+}
+
 /// Sync two local disks.
 pub fn sync_local(
     src: &Path,
@@ -336,6 +344,9 @@ pub fn sync_local(
         ))
     };
     let (mut stx, srx) = link(a, sc.clone())?;
+    let b_shut = b
+        .try_clone()
+        .map_err(|e| SyncError::Invalid(format!("socket: {e}")))?;
     let (mut dtx, drx) = link(b, dc)?;
 
     let mut dest = dest::Dest {
@@ -349,7 +360,11 @@ pub fn sync_local(
         tuning: opts.tuning,
         progress: None,
     };
+    let guard = ShutdownOnDrop(b_shut);
     let dthread = std::thread::spawn(move || {
+        // Closes the destination's socket however the thread ends (a panic
+        // included), so the source never waits for a peer that is gone.
+        let _guard = guard;
         let r = dest::run(&mut dest, &mut dtx, &drx);
         let _ = dtx.close();
         r

@@ -89,6 +89,7 @@ pub struct Chunk {
 /// What to compute for each chunk.
 #[derive(Clone)]
 pub struct Want {
+    /// Hash the tree with this key; `None`: only find the zero leaves.
     pub tree: Option<Arc<TreeHasher>>,
     pub blake3: bool,
 }
@@ -131,13 +132,11 @@ pub fn spawn(
                     return;
                 }
                 let result = read_chunk(disk.as_deref(), size, idx, buf).map(|mut c| {
-                    if let Some(h) = &want.tree {
-                        c.tree = Some(if c.data.is_empty() {
-                            ChunkTree::zero(c.buf.len())
-                        } else {
-                            h.chunk(&c.buf, &c.data)
-                        });
-                    }
+                    c.tree = Some(match &want.tree {
+                        _ if c.data.is_empty() => ChunkTree::zero(c.buf.len()),
+                        Some(h) => h.chunk(&c.buf, &c.data),
+                        None => ChunkTree::presence(&c.buf, &c.data),
+                    });
                     if want.blake3 {
                         c.blake3 = Some(*blake3::hash(&c.buf).as_bytes());
                     }

@@ -83,7 +83,7 @@ struct Conn {
     tx: FrameWriter,
     rx: FrameReader,
     counters: Arc<Counters>,
-    stream: TcpStream,
+    stream: Closing,
 }
 
 fn split(stream: TcpStream, compression: Compression, threads: usize) -> Result<Conn, SyncError> {
@@ -100,7 +100,7 @@ fn split(stream: TcpStream, compression: Compression, threads: usize) -> Result<
         tx: spawn_writer(w, compression, threads, counters.clone()),
         rx: spawn_reader(r, counters.clone()),
         counters,
-        stream,
+        stream: Closing(stream),
     })
 }
 
@@ -312,10 +312,26 @@ fn reconcile(
 }
 
 fn finish(c: Conn) -> (u64, u64) {
-    let _ = c.tx.close();
-    let _ = c.stream.shutdown(Shutdown::Both);
-    drop(c.rx);
-    (c.counters.sent(), c.counters.received())
+    let Conn {
+        tx,
+        rx,
+        counters,
+        stream,
+    } = c;
+    let _ = tx.close();
+    drop(stream); // shuts the socket down
+    drop(rx);
+    (counters.sent(), counters.received())
+}
+
+/// The socket of a connection; dropping it (a panic included) shuts the
+/// socket down, or the peer would wait forever: the reader thread holds it open.
+struct Closing(TcpStream);
+
+impl Drop for Closing {
+    fn drop(&mut self) {
+        let _ = self.0.shutdown(Shutdown::Both);
+    }
 }
 
 /// Names a client may use: relative, no `..`, not inside our state directory.
@@ -447,6 +463,31 @@ fn server_state_dir(root: &Path, role: &str, name: &str) -> PathBuf {
     state_subdir(&root.join(".rebound"), role, "", name)
 }
 
+/// The server side's resume state: resumed when the client names the same
+/// session, otherwise started afresh. Returns it and the chunks to skip.
+fn server_state(
+    root: &Path,
+    role: &str,
+    open: &Open,
+    disk: &Disk,
+    size: u64,
+    source: bool,
+) -> Result<(Option<SideState>, u64), SyncError> {
+    let ident = state::identity(role, &open.name, disk.file(), size, open.full, source);
+    let dir = server_state_dir(root, role, &open.name);
+    Ok(match SideState::load(&dir, &ident)? {
+        Some(mut s) if s.session == open.resume_session => {
+            let start = s.chunks().min(open.resume_chunks);
+            s.truncate(start)?;
+            (Some(s), start)
+        }
+        _ => (
+            Some(SideState::create(&dir, &ident, state::new_session_id())?),
+            0,
+        ),
+    })
+}
+
 fn run_open(c: &mut Conn, root: &Path, open: &Open, key: &[u8; 32]) -> Result<(), SyncError> {
     let path = resolve_name(root, &open.name)?;
     let opts = Options {
@@ -462,21 +503,10 @@ fn run_open(c: &mut Conn, root: &Path, open: &Open, key: &[u8; 32]) -> Result<()
         Mode::Push => {
             let size = open.source_size;
             let (disk, before) = open_dest(&path, size, &opts)?;
-            let mut st = None;
-            let mut start = 0;
-            if let (Some(d), false) = (&disk, opts.dry_run) {
-                let ident =
-                    state::identity("destination", &open.name, d.file(), size, opts.full, false);
-                let dir = server_state_dir(root, "destination", &open.name);
-                st = match SideState::load(&dir, &ident)? {
-                    Some(mut s) if s.session == open.resume_session => {
-                        start = s.chunks().min(open.resume_chunks);
-                        s.truncate(start)?;
-                        Some(s)
-                    }
-                    _ => Some(SideState::create(&dir, &ident, state::new_session_id())?),
-                };
-            }
+            let (st, start) = match (&disk, opts.dry_run) {
+                (Some(d), false) => server_state(root, "destination", open, d, size, false)?,
+                _ => (None, 0),
+            };
             let session = st.as_ref().map(|s| s.session).unwrap_or_default();
             c.tx.send(Msg::Opened(Opened {
                 size: before,
@@ -502,21 +532,10 @@ fn run_open(c: &mut Conn, root: &Path, open: &Open, key: &[u8; 32]) -> Result<()
                 e => SyncError::Disk(e),
             })?);
             let size = disk.size()?;
-            let mut st = None;
-            let mut start = 0;
-            if !opts.dry_run {
-                let ident =
-                    state::identity("source", &open.name, disk.file(), size, opts.full, true);
-                let dir = server_state_dir(root, "source", &open.name);
-                st = match SideState::load(&dir, &ident)? {
-                    Some(mut s) if s.session == open.resume_session => {
-                        start = s.chunks().min(open.resume_chunks);
-                        s.truncate(start)?;
-                        Some(s)
-                    }
-                    _ => Some(SideState::create(&dir, &ident, state::new_session_id())?),
-                };
-            }
+            let (st, start) = match opts.dry_run {
+                false => server_state(root, "source", open, &disk, size, true)?,
+                true => (None, 0),
+            };
             let session = st.as_ref().map(|s| s.session).unwrap_or_default();
             c.tx.send(Msg::Opened(Opened {
                 size,

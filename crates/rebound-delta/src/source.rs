@@ -58,8 +58,9 @@ pub(crate) fn run(
             hashes[i] = Some(*h);
         }
     }
+    // A full copy compares nothing: finding the zero leaves is enough.
     let want = Want {
-        tree: Some(src.hasher.clone()),
+        tree: (!src.full).then(|| src.hasher.clone()),
         blake3: true,
     };
     let chunks = pipeline::spawn(
@@ -88,6 +89,9 @@ pub(crate) fn run(
     run.counts.chunks = n;
     run.counts.chunks_resumed = start;
     let result = run.main_loop(&chunks, rx, n);
+    // Whatever happened, keep what is known for the next run.
+    let logged = run.log_ended(true);
+    let result = result.and_then(|o| logged.map(|_| o));
     if let Err(e) = &result
         && !matches!(e, SyncError::Wire(_) | SyncError::Remote { .. })
     {
@@ -249,7 +253,8 @@ impl Run<'_> {
                 self.send_leaves(chunk, &diff)?;
                 self.end(chunk)?;
             }
-            Msg::Durable { chunks } => self.persist(chunks)?,
+            // Progress only: our own log does not wait for the destination.
+            Msg::Durable { .. } => {}
             Msg::Error { code, message } => return Err(SyncError::from_remote(code, message)),
             other => {
                 return Err(violation(format!(
@@ -336,26 +341,20 @@ impl Run<'_> {
             chunk: idx,
             blake3: b3,
         })?;
-        Ok(())
+        self.log_ended(false)
     }
 
-    /// The destination made chunks `[0, upto)` durable: record ours too.
-    fn persist(&mut self, upto: u64) -> Result<(), SyncError> {
+    /// Record the hashes of the chunks ended so far, in order, in the resume
+    /// log. They are facts about the source alone, so the log may run ahead
+    /// of the destination's: a resume starts at the shorter of the two.
+    fn log_ended(&mut self, force: bool) -> Result<(), SyncError> {
         let Some(state) = self.src.state.as_mut() else {
             return Ok(());
         };
-        let from = state.chunks();
-        if upto > self.hashes.len() as u64 {
-            return Err(violation(format!(
-                "durable up to chunk {upto}, past the end"
-            )));
-        }
-        let mut fresh = Vec::new();
-        for i in from..upto {
-            match self.hashes[i as usize] {
-                Some(h) => fresh.push(h),
-                None => return Err(violation(format!("chunk {i} durable before it ended"))),
-            }
+        let from = state.chunks() as usize;
+        let fresh: Vec<[u8; 32]> = self.hashes[from..].iter().map_while(|h| *h).collect();
+        if fresh.is_empty() || (!force && (fresh.len() as u64) < self.src.tuning.durable_every) {
+            return Ok(());
         }
         state.append(&fresh)
     }

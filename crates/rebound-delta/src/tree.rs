@@ -95,6 +95,32 @@ impl ChunkTree {
         ChunkTree { leaves, nodes, top }
     }
 
+    /// Which leaves of a chunk are zero, without hashing: leaves are [`ZERO`]
+    /// or 1. Enough for a full copy, which compares nothing.
+    pub fn presence(buf: &[u8], data: &[Range<usize>]) -> ChunkTree {
+        let leaf = LEAF_SIZE as usize;
+        let mut leaves = vec![ZERO; buf.len().div_ceil(leaf)];
+        for r in data {
+            for (i, l) in leaves
+                .iter_mut()
+                .enumerate()
+                .take(r.end.div_ceil(leaf))
+                .skip(r.start / leaf)
+            {
+                let end = ((i + 1) * leaf).min(buf.len());
+                if !rebound_disk::is_zero(&buf[i * leaf..end]) {
+                    *l = 1;
+                }
+            }
+        }
+        let nodes: Vec<Hash128> = leaves
+            .chunks(LEAVES_PER_NODE)
+            .map(|c| c.iter().any(|&h| h != ZERO) as Hash128)
+            .collect();
+        let top = nodes.iter().any(|&h| h != ZERO) as Hash128;
+        ChunkTree { leaves, nodes, top }
+    }
+
     /// A chunk of `len` bytes that is all zeros.
     pub fn zero(len: usize) -> ChunkTree {
         let nleaves = len.div_ceil(LEAF_SIZE as usize);

@@ -177,6 +177,101 @@ error_codes! {
     /// Another agent already tracks this disk (its state file is locked).
     DirtyStateLocked = 3005, "dirty-state-locked",
         "Stop the other agent serving this disk; one disk is exported by one agent at a time.";
+
+    // --- control plane: 4000s ---
+    /// The request carried no bearer token, or an unknown or revoked one.
+    Unauthorised = 4001, "unauthorised",
+        "Pass a valid API token (REBOUND_TOKEN or --token-file); `rebound server init` printed the admin token once.";
+    /// The token is valid but its scope does not allow this request.
+    Forbidden = 4002, "forbidden",
+        "Use a token whose scope allows this action (an operator or admin token); component tokens only report their own facts.";
+    /// The registration key given at enrolment is wrong.
+    RegistrationKeyInvalid = 4003, "registration-key-invalid",
+        "Use the registration key printed by `rebound server init` (or rotate it with the admin token).";
+    /// The request body or a parameter is malformed or out of range.
+    InvalidRequest = 4004, "invalid-request",
+        "Correct the request; the OpenAPI spec under openapi/ lists every field and its type.";
+    /// The configuration server does not know the replicated item.
+    ItemUnknown = 4005, "item-unknown",
+        "List the items with `rebound items`; an item that is not in the configuration server cannot be failed over or back (restore the server's backup if it was lost).";
+    /// A named site, server, policy, group, plan or point does not exist.
+    NotFound = 4006, "not-found",
+        "Check the id or name; the list commands (`rebound sites`, `servers`, `policies`, `groups`, `plans`, `points ITEM`) show what exists.";
+    /// The job does not exist.
+    JobNotFound = 4007, "job-not-found",
+        "List the jobs with `rebound jobs`; job ids start with `job-`.";
+    /// The action is not allowed in the item's current state.
+    ActionNotAllowed = 4008, "action-not-allowed",
+        "Check the item's state with `rebound items ITEM`; the message lists the actions its state allows.";
+    /// A job is already running on the item (or the plan).
+    ItemBusy = 4009, "item-busy",
+        "Wait for the running job to finish (`rebound jobs watch JOB`) or cancel it, then retry.";
+    /// An object with the same name already exists in the configuration server.
+    AlreadyExists = 4010, "already-exists",
+        "Choose another name, or use the existing object.";
+    /// The master target's OS type differs from the machine's.
+    MasterTargetOsMismatch = 4011, "master-target-os-mismatch",
+        "Choose a master target of the machine's OS type (a Linux machine needs a Linux master target).";
+    /// The master target has no free disk slots for the item's disks.
+    DiskSlotsExceeded = 4012, "disk-slots-exceeded",
+        "Choose another master target, or add one; a master target attaches at most its disk limit (default 60).";
+    /// The retention volume cannot hold a journal.
+    RetentionVolumeIneligible = 4013, "retention-volume-ineligible",
+        "Choose a retention volume on its own filesystem: not FAT/FAT32, non-zero capacity, not locked, not a datastore or replication target, not the master target's install or cache volume; refresh after adding one.";
+    /// Snapshots exist on the master target's disks.
+    SnapshotsPresent = 4014, "snapshots-present",
+        "Delete the snapshots on the master target, then retry (snapshots on the machine itself are merged by the job).";
+    /// A disk UUID of the machine equals one of the master target's.
+    DiskUuidCollision = 4015, "disk-uuid-collision",
+        "The machine and the master target were cloned from one template; choose another master target or change the disk UUIDs.";
+    /// A replication group mixes OS types.
+    GroupMixedOs = 4016, "group-mixed-os",
+        "Put only machines of one OS type in a replication group.";
+    /// A replication group's members use different master targets.
+    GroupMixedMasterTarget = 4017, "group-mixed-master-target",
+        "Give every member of the replication group the same master target; otherwise no common recovery point exists.";
+    /// A member of a replication group was reprotected outside a recovery plan.
+    GroupOutsidePlan = 4018, "group-outside-plan",
+        "Reprotect a replication group through a recovery plan that contains it (`rebound reprotect --plan PLAN`).";
+    /// The item was migrated, moved, deleted or unprotected.
+    ItemNotFailbackable = 4019, "item-not-failbackable",
+        "The item no longer belongs to its replication pair; protect the machine again (a new item) instead of failing it back.";
+    /// The machine was created at the recovery site.
+    BornAtRecoverySite = 4020, "born-at-recovery-site",
+        "A machine created at the recovery site cannot be reprotected to the primary site; protect it as a new item in the other direction.";
+    /// One or more prechecks failed; each failure is listed with its own code.
+    PrechecksFailed = 4021, "prechecks-failed",
+        "Fix every failure listed in `failures` (each has its own code and remedy), then run the action again; nothing was changed.";
+    /// The policy is a failback policy and cannot be edited.
+    PolicyReadOnly = 4022, "policy-read-only",
+        "Failback policies are created with their replication policy and are read-only; edit the replication policy instead.";
+    /// A job step run by a component stopped reporting progress.
+    JobStepTimedOut = 4023, "job-step-timed-out",
+        "Check the component named in the step (heartbeat, logs), then run the action again; the destination keeps its previous state.";
+    /// The configuration server restarted while a step could not be resumed.
+    JobInterrupted = 4024, "job-interrupted",
+        "Run the action again; the job was failed on restart instead of being left in progress.";
+    /// The job was cancelled by an operator.
+    JobCancelled = 4025, "job-cancelled",
+        "Nothing to do: the item is back in the state it had before the job; run the action again when wanted.";
+    /// The job has already finished and cannot be cancelled or completed.
+    JobFinished = 4026, "job-finished",
+        "Check the job's result with `rebound jobs JOB`.";
+    /// The configuration server's database cannot be opened, read or written.
+    StoreUnavailable = 4027, "store-unavailable",
+        "Check the data directory (or DATABASE_URL), its permissions and free space, and the server's log.";
+    /// The data directory has no initialised database, or already has one.
+    DataDirState = 4028, "data-dir-state",
+        "Run `rebound server init --data-dir DIR` once on an empty directory, then `rebound server run --data-dir DIR`.";
+    /// A process server or master target has not heartbeated recently.
+    ComponentUnreachable = 4029, "component-unreachable",
+        "Check that the process server or master target runs and reaches the configuration server; wait for its heartbeat, then retry.";
+    /// The server answered something the client does not understand.
+    BadResponse = 4030, "bad-response",
+        "Use a client of the same rebound release as the server.";
+    /// A backup or restore of the configuration server failed.
+    BackupFailed = 4031, "backup-failed",
+        "Check the paths and free space; restore only onto a stopped server with an empty or absent data directory.";
 }
 
 impl fmt::Display for ErrorCode {

@@ -44,7 +44,7 @@ impl Compression {
     }
 
     /// Compress `raw`; `None` when the codec is `None`, the body is small, or
-    /// compression would not make it smaller.
+    /// compression would save less than 1/16 (not worth the receiver's time).
     pub(crate) fn compress(self, raw: &[u8]) -> Option<Vec<u8>> {
         if raw.len() < MIN_COMPRESS {
             return None;
@@ -54,7 +54,7 @@ impl Compression {
             Compression::Lz4 => lz4_flex::block::compress(raw),
             Compression::Zstd => zstd::bulk::compress(raw, ZSTD_LEVEL).ok()?,
         };
-        (out.len() < raw.len()).then_some(out)
+        (out.len() <= raw.len() - raw.len() / 16).then_some(out)
     }
 
     pub(crate) fn decompress(self, body: &[u8], raw_len: usize) -> Result<Vec<u8>, WireError> {

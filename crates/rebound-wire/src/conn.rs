@@ -1,7 +1,11 @@
 //! A connection's two directions, each on its own threads, so that reading,
 //! encoding (compression, checksums) and writing overlap with the caller's work.
 
-use crate::{Compression, Msg, WireError, encode_frame, read_frame};
+use crate::frame::encode_frame_reporting;
+use crate::{Compression, Msg, WireError, read_frame};
+
+/// Frames sent uncompressed after one that did not compress.
+const BACKOFF_FRAMES: u32 = 16;
 use crossbeam_channel::{Receiver, Sender, TryRecvError, bounded};
 use std::collections::BTreeMap;
 use std::io::{BufWriter, Read, Write};
@@ -50,11 +54,25 @@ pub fn spawn_writer(
         let job_rx = job_rx.clone();
         let frame_tx = frame_tx.clone();
         threads.push(std::thread::spawn(move || {
+            // Adaptive: after a body that did not compress, send the next
+            // few as they are (random data would only burn CPU), then try again.
+            let mut skip = 0u32;
             for (seq, msg) in job_rx {
-                if frame_tx
-                    .send((seq, encode_frame(&msg, compression)))
-                    .is_err()
-                {
+                let try_codec = msg.compressible() && compression != Compression::None;
+                let codec = if try_codec && skip == 0 {
+                    compression
+                } else {
+                    Compression::None
+                };
+                let (frame, packed) = encode_frame_reporting(&msg, codec);
+                if try_codec {
+                    skip = match (codec == compression, packed) {
+                        (true, false) => BACKOFF_FRAMES,
+                        (true, true) => 0,
+                        (false, _) => skip - 1,
+                    };
+                }
+                if frame_tx.send((seq, frame)).is_err() {
                     return;
                 }
             }

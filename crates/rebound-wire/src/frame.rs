@@ -30,6 +30,11 @@ fn header_bytes(len: u32, tag: u8, codec: u8, raw_len: u32) -> [u8; 12] {
 /// Encode `msg` into one frame, compressing its body with `compression` when
 /// the message is compressible and compression helps.
 pub fn encode_frame(msg: &Msg, compression: Compression) -> Vec<u8> {
+    encode_frame_reporting(msg, compression).0
+}
+
+/// [`encode_frame`], also telling whether the body was compressed.
+pub fn encode_frame_reporting(msg: &Msg, compression: Compression) -> (Vec<u8>, bool) {
     let (tag, raw) = msg.encode();
     let packed = if msg.compressible() {
         compression.compress(&raw)
@@ -47,7 +52,7 @@ pub fn encode_frame(msg: &Msg, compression: Compression) -> Vec<u8> {
     out.extend_from_slice(&head);
     out.extend_from_slice(&crc.to_le_bytes());
     out.extend_from_slice(body);
-    out
+    (out, packed.is_some())
 }
 
 /// Parse and sanity-check a frame header (not yet its checksum, which covers the body).

@@ -181,6 +181,15 @@ fn human(b: u64) -> String {
     }
 }
 
+fn emit(r: &Report, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(r)?);
+    } else {
+        print_text(r);
+    }
+    Ok(())
+}
+
 fn print_text(r: &Report) {
     let what = if r.dry_run { "would send" } else { "sent" };
     println!(
@@ -243,11 +252,7 @@ pub fn run_sync(a: SyncArgs) -> anyhow::Result<ExitCode> {
         ..Options::default()
     };
     let r = execute(&a.common, &opts, json)?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&r)?);
-    } else {
-        print_text(&r);
-    }
+    emit(&r, json)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -259,11 +264,7 @@ pub fn run_diff(a: DiffArgs) -> anyhow::Result<ExitCode> {
         ..Options::default()
     };
     let r = execute(&a.common, &opts, json)?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&r)?);
-    } else {
-        print_text(&r);
-    }
+    emit(&r, json)?;
     Ok(if r.identical && r.leaves_differing == 0 {
         ExitCode::SUCCESS
     } else {
