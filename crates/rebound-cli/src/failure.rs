@@ -57,6 +57,12 @@ pub fn code_of(err: &anyhow::Error) -> Option<ErrorCode> {
         if let Some(e) = cause.downcast_ref::<rebound_disk::DiskError>() {
             return Some(e.code());
         }
+        if let Some(e) = cause.downcast_ref::<rebound_agent::AgentError>() {
+            return Some(e.code());
+        }
+        if let Some(e) = cause.downcast_ref::<rebound_nbd::NbdError>() {
+            return Some(e.code());
+        }
         if let Some(e) = cause.downcast_ref::<rebound_delta::SyncError>() {
             return Some(e.code());
         }

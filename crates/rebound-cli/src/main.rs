@@ -28,6 +28,9 @@ enum Command {
     /// Inspect, list, materialise and verify replica journals on a retention volume.
     #[command(subcommand)]
     Journal(cmd::journal::Command),
+    /// The agent: serve a machine's disks over NBD with dirty tracking.
+    #[command(subcommand_required = true)]
+    Agent(cmd::agent::Args),
     /// Make a destination disk byte-identical to a source disk, sending only what differs.
     Sync(cmd::sync::SyncArgs),
     /// Count exactly the leaves and bytes a sync would send, writing nothing.
@@ -49,6 +52,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Errors(args) => cmd::errors::run(args),
         Command::Journal(args) => cmd::journal::run(args),
+        Command::Agent(args) => cmd::agent::run(args),
         Command::Sync(args) => cmd::sync::run_sync(args),
         Command::Diff(args) => cmd::sync::run_diff(args),
         Command::SyncServer(args) => cmd::sync::run_server(args),

@@ -1,3 +1,4 @@
+pub mod agent;
 pub mod errors;
 pub mod journal;
 pub mod sync;
