@@ -4,6 +4,10 @@
 //! Exit statuses: 0 success; 1 `diff` found differences; 2 invalid usage;
 //! 3 failed with a coded error; 4 interrupted (run again to resume);
 //! 5 verification found the disks different.
+//! Configuration server client commands exit 3 with the server's code (e.g.
+//! 4008 action not allowed, 4021 prechecks failed with every failure listed);
+//! `--wait` and `jobs watch` exit 0 when the job succeeded or waits for an
+//! operator, and 3 with the job's own code when it failed or was cancelled.
 
 use rebound_types::{Coded, ErrorCode};
 use std::fmt;
@@ -50,6 +54,9 @@ pub fn code_of(err: &anyhow::Error) -> Option<ErrorCode> {
     for cause in err.chain() {
         if let Some(f) = cause.downcast_ref::<Failure>() {
             return Some(f.code);
+        }
+        if let Some(e) = cause.downcast_ref::<rebound_api::ApiError>() {
+            return Some(e.error_code().unwrap_or(ErrorCode::BadResponse));
         }
         if let Some(e) = cause.downcast_ref::<rebound_journal::JournalError>() {
             return Some(e.code());

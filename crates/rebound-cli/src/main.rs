@@ -37,6 +37,10 @@ enum Command {
     Diff(cmd::sync::DiffArgs),
     /// Receive syncs: serve the disks under a directory to token holders.
     SyncServer(cmd::sync::ServerArgs),
+    /// The configuration server: init, run, backup, restore.
+    Server(cmd::server::Args),
+    #[command(flatten)]
+    Client(cmd::client::Command),
 }
 
 fn main() -> ExitCode {
@@ -56,6 +60,8 @@ fn main() -> ExitCode {
         Command::Sync(args) => cmd::sync::run_sync(args),
         Command::Diff(args) => cmd::sync::run_diff(args),
         Command::SyncServer(args) => cmd::sync::run_server(args),
+        Command::Server(args) => cmd::server::run(args),
+        Command::Client(c) => cmd::client::run(c),
     };
     match result {
         Ok(code) => code,

@@ -187,7 +187,7 @@ error_codes! {
         "Use a token whose scope allows this action (an operator or admin token); component tokens only report their own facts.";
     /// The registration key given at enrolment is wrong.
     RegistrationKeyInvalid = 4003, "registration-key-invalid",
-        "Use the registration key printed by `rebound server init` (or rotate it with the admin token).";
+        "Use the registration key printed by `rebound server init`.";
     /// The request body or a parameter is malformed or out of range.
     InvalidRequest = 4004, "invalid-request",
         "Correct the request; the OpenAPI spec under openapi/ lists every field and its type.";

@@ -112,6 +112,9 @@ fn export(a: ExportArgs) -> anyhow::Result<ExitCode> {
     let persister = spawn_persister(exports.clone(), Duration::from_secs(a.persist_every.max(1)));
     let served = rt.block_on(async {
         let listener = Listener::bind(&addr).await?;
+        // Handlers first: a SIGTERM sent as soon as we say we listen must
+        // stop us cleanly, not kill us.
+        let stop = shutdown_signal()?;
         // The bound address and the exports, for scripts and tests.
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "listening on {}", listener.local_addr());
@@ -120,7 +123,7 @@ fn export(a: ExportArgs) -> anyhow::Result<ExitCode> {
         }
         let _ = out.flush();
         drop(out);
-        Arc::new(server).serve(listener, shutdown_signal()).await
+        Arc::new(server).serve(listener, stop).await
     });
     persister.stop();
     // Wait for device calls still running on the blocking pool, then record
@@ -140,19 +143,18 @@ fn export(a: ExportArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn shutdown_signal() {
+/// Register the SIGTERM and SIGINT handlers now; the returned future ends
+/// when either arrives.
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
+    })
 }
 
 #[cfg(test)]

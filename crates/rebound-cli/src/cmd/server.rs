@@ -1,0 +1,190 @@
+//! `rebound server init|run|backup|restore`: the configuration server.
+
+use crate::failure::Failure;
+use anyhow::Context;
+use rebound_server::Config;
+use rebound_store::Store;
+use rebound_types::ErrorCode;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Subcommand)]
+enum Command {
+    /// Create the database; print the admin token and the registration key once.
+    Init(Location),
+    /// Serve the REST API (and resume the jobs that were running).
+    Run(RunArgs),
+    /// Write a consistent copy of the database, while the server runs.
+    Backup(BackupArgs),
+    /// Restore a backup into an empty data directory (server stopped).
+    Restore(RestoreArgs),
+}
+
+#[derive(clap::Args)]
+struct Location {
+    /// Directory of the SQLite database (created if missing).
+    #[arg(long, env = "REBOUND_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// A PostgreSQL URL instead of SQLite (`postgres://user@host/db`).
+    #[arg(long, env = "DATABASE_URL", conflicts_with = "data_dir")]
+    database_url: Option<String>,
+}
+
+impl Location {
+    fn url(&self) -> anyhow::Result<String> {
+        match (&self.data_dir, &self.database_url) {
+            (_, Some(url)) => Ok(url.clone()),
+            (Some(dir), None) => {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating the data directory {}", dir.display()))
+                    .map_err(|e| Failure::new(ErrorCode::StoreUnavailable, format!("{e:#}")))?;
+                Ok(Store::sqlite_url(dir))
+            }
+            (None, None) => Err(Failure::new(
+                ErrorCode::InvalidArgument,
+                "give --data-dir DIR (or --database-url URL)",
+            )
+            .into()),
+        }
+    }
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    #[command(flatten)]
+    location: Location,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8470")]
+    listen: String,
+    /// Seconds after which a component without a heartbeat is unhealthy.
+    #[arg(long, default_value_t = 120)]
+    heartbeat_limit: u64,
+    /// Seconds a component step may go without a progress report.
+    #[arg(long, default_value_t = 600)]
+    step_timeout: u64,
+}
+
+#[derive(clap::Args)]
+struct BackupArgs {
+    #[command(flatten)]
+    location: Location,
+    /// The backup file to write (must not exist).
+    #[arg(long, short)]
+    output: PathBuf,
+}
+
+#[derive(clap::Args)]
+struct RestoreArgs {
+    /// The empty data directory to restore into.
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// The backup file written by `rebound server backup`.
+    #[arg(long, short)]
+    input: PathBuf,
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn coded(e: rebound_server::error::AppError) -> anyhow::Error {
+    let code = e.0.error_code().unwrap_or(ErrorCode::StoreUnavailable);
+    Failure::new(code, e.0.message).into()
+}
+
+fn store_err(e: rebound_store::StoreError) -> anyhow::Error {
+    use rebound_types::Coded;
+    Failure::new(e.code(), e.to_string()).into()
+}
+
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let rt = runtime()?;
+    rt.block_on(async move {
+        match args.command {
+            Command::Init(loc) => {
+                let store = Store::open(&loc.url()?).await.map_err(store_err)?;
+                let done = rebound_server::init(&store).await.map_err(coded)?;
+                store.close().await;
+                // Printed once; only their hashes are stored.
+                println!("configuration server initialised");
+                println!("admin token:      {}", done.admin_token);
+                println!("registration key: {}", done.registration_key);
+                println!("keep both now: they are stored hashed and cannot be shown again");
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Run(a) => {
+                let store = rebound_server::open_initialised(&a.location.url()?)
+                    .await
+                    .map_err(coded)?;
+                let listener = tokio::net::TcpListener::bind(&a.listen)
+                    .await
+                    .map_err(|e| {
+                        Failure::new(
+                            ErrorCode::InvalidArgument,
+                            format!("listen on {}: {e}", a.listen),
+                        )
+                    })?;
+                let addr = listener.local_addr()?;
+                eprintln!("rebound configuration server listening on http://{addr}/api/v1");
+                let config = Config {
+                    heartbeat_limit: Duration::from_secs(a.heartbeat_limit),
+                    step_timeout: Duration::from_secs(a.step_timeout),
+                    ..Config::default()
+                };
+                rebound_server::serve(store, listener, config, shutdown_signal()).await?;
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Backup(a) => {
+                let store = rebound_server::open_initialised(&a.location.url()?)
+                    .await
+                    .map_err(coded)?;
+                rebound_server::backup(&store, &a.output)
+                    .await
+                    .map_err(coded)?;
+                store.close().await;
+                println!("backup written to {}", a.output.display());
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Restore(a) => {
+                let store = rebound_server::restore(&a.input, &a.data_dir)
+                    .await
+                    .map_err(coded)?;
+                let items = store
+                    .count(rebound_store::Table::Items)
+                    .await
+                    .map_err(store_err)?;
+                store.close().await;
+                println!(
+                    "restored {} into {} ({items} items)",
+                    a.input.display(),
+                    a.data_dir.display()
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+        }
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
