@@ -3,6 +3,7 @@
 
 mod cmd;
 mod failure;
+mod signals;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;

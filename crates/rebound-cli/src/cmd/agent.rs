@@ -114,7 +114,7 @@ fn export(a: ExportArgs) -> anyhow::Result<ExitCode> {
         let listener = Listener::bind(&addr).await?;
         // Handlers first: a SIGTERM sent as soon as we say we listen must
         // stop us cleanly, not kill us.
-        let stop = shutdown_signal()?;
+        let stop = crate::signals::shutdown_signal()?;
         // The bound address and the exports, for scripts and tests.
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "listening on {}", listener.local_addr());
@@ -141,20 +141,6 @@ fn export(a: ExportArgs) -> anyhow::Result<ExitCode> {
         return Err(err.into());
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// Register the SIGTERM and SIGINT handlers now; the returned future ends
-/// when either arrives.
-fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    Ok(async move {
-        tokio::select! {
-            _ = int.recv() => {}
-            _ = term.recv() => {}
-        }
-    })
 }
 
 #[cfg(test)]

@@ -134,13 +134,14 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                         )
                     })?;
                 let addr = listener.local_addr()?;
+                let stop = crate::signals::shutdown_signal()?;
                 eprintln!("rebound configuration server listening on http://{addr}/api/v1");
                 let config = Config {
                     heartbeat_limit: Duration::from_secs(a.heartbeat_limit),
                     step_timeout: Duration::from_secs(a.step_timeout),
                     ..Config::default()
                 };
-                rebound_server::serve(store, listener, config, shutdown_signal()).await?;
+                rebound_server::serve(store, listener, config, stop).await?;
                 Ok(ExitCode::SUCCESS)
             }
             Command::Backup(a) => {
@@ -172,19 +173,4 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             }
         }
     })
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
 }
