@@ -1,7 +1,7 @@
 //! A disk is a raw image file or a block device, addressed by byte offset.
 
 use crate::DiskError;
-use rustix::fs::{FallocateFlags, FileType, SeekFrom};
+use rustix::fs::{FileType, SeekFrom};
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::ops::Range;
@@ -197,26 +197,10 @@ impl Disk {
     /// Make `range` read as zeros, freeing its space where the filesystem can
     /// (punch-hole); falls back to writing zeros.
     pub fn zero_range(&self, range: Range<u64>) -> Result<(), DiskError> {
-        if range.is_empty() {
+        if crate::zeroing::punch_hole(self, range.clone())? {
             return Ok(());
         }
-        let len = range.end - range.start;
-        let flags = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
-        match rustix::fs::fallocate(&self.file, flags, range.start, len) {
-            Ok(()) => return Ok(()),
-            Err(rustix::io::Errno::OPNOTSUPP)
-            | Err(rustix::io::Errno::NOSYS)
-            | Err(rustix::io::Errno::INVAL) => {}
-            Err(e) => return Err(self.io_err("punch-hole", e)),
-        }
-        let zeros = vec![0u8; len.min(1 << 20) as usize];
-        let mut off = range.start;
-        while off < range.end {
-            let n = (range.end - off).min(zeros.len() as u64) as usize;
-            self.write_at(&zeros[..n], off)?;
-            off += n as u64;
-        }
-        Ok(())
+        crate::zeroing::write_zeros(self, range)
     }
 
     /// Make written data durable (fdatasync).
