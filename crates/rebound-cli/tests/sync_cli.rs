@@ -336,15 +336,18 @@ fn full_filesystem_then_resume_after_freeing_space() {
     let mnt = dir.path().join("mnt");
     std::fs::create_dir(&mnt).unwrap();
     let st = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=24m", "tmpfs"])
+        .args(["-t", "tmpfs", "-o", "size=64m", "tmpfs"])
         .arg(&mnt)
         .status()
         .unwrap();
     assert!(st.success(), "mount tmpfs failed");
     let a = dir.path().join("a.img");
-    make_image(&a, 20, 9);
+    make_image(&a, 48, 9);
     let filler = mnt.join("filler");
-    std::fs::write(&filler, vec![1u8; 16 << 20]).unwrap();
+    // 24 MiB free for ~34 MiB of data: the filesystem fills several chunks
+    // in, so that chunks finalised in parallel before it are made durable
+    // first and the second run has something to resume from.
+    std::fs::write(&filler, vec![1u8; 40 << 20]).unwrap();
     let b = mnt.join("b.img");
     let state = dir.path().join("state");
     let env = [
