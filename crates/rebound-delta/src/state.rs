@@ -3,8 +3,9 @@
 //! A directory holds `meta.json` (session id and the identity of the disks)
 //! and `chunks.log`, an append-only log of fixed records `(chunk index,
 //! BLAKE3 of the chunk, crc32c)`. A destination appends a record only after
-//! the chunk's data is fsynced; a source only after the destination said the
-//! chunk is durable. The valid prefix of the log is the cursor: a torn or
+//! the chunk's data is fsynced; a source as its chunks end (its hashes are
+//! facts about the source alone; a resume starts at the shorter of the two
+//! logs). The valid prefix of the log is the cursor: a torn or
 //! corrupt tail is cut off, so a crash at any moment loses at most the chunks
 //! after the last fsync, which the next run compares again.
 
