@@ -407,6 +407,11 @@ pub struct AgentFacts {
     pub machine: String,
     pub running: bool,
     pub suspended: bool,
+    /// The job whose data sync the agent has taken a write barrier for:
+    /// every write after it stays marked for replication. A master target
+    /// starts a sync only once its job is named here.
+    #[serde(default)]
+    pub sync_barrier: Option<String>,
 }
 
 /// A heartbeat with the facts of the sending component's role.
@@ -419,6 +424,9 @@ pub struct Heartbeat {
     pub master_target: Option<MasterTargetFacts>,
     #[serde(default)]
     pub agent: Option<AgentFacts>,
+    /// `HOST:PORT` of the component's data port (replication traffic).
+    #[serde(default)]
+    pub data_addr: Option<String>,
 }
 
 /// A process server, master target or agent enrolled with the registration key.
@@ -436,6 +444,9 @@ pub struct Component {
     pub process_server: Option<ProcessServerFacts>,
     pub master_target: Option<MasterTargetFacts>,
     pub agent: Option<AgentFacts>,
+    /// `HOST:PORT` of its data port, from its last heartbeat.
+    #[serde(default)]
+    pub data_addr: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
@@ -599,6 +610,10 @@ pub struct RecoveryPoint {
     pub kind: PointKind,
     /// Group marker when every member of the group reached it.
     pub group_marker: Option<String>,
+    /// The point's write barrier in nanoseconds since the UNIX epoch (the
+    /// instant the agent held writes), for `rebound verify --point-time`.
+    #[serde(default)]
+    pub barrier_ns: Option<u64>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
@@ -611,6 +626,8 @@ pub struct NewRecoveryPoint {
     pub kind: PointKind,
     #[serde(default)]
     pub group_marker: Option<String>,
+    #[serde(default)]
+    pub barrier_ns: Option<u64>,
 }
 
 // ---------------------------------------------------------------- policies

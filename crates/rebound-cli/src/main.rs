@@ -40,8 +40,20 @@ enum Command {
     SyncServer(cmd::sync::ServerArgs),
     /// The configuration server: init, run, backup, restore.
     Server(cmd::server::Args),
+    /// The whole lifecycle on this machine: two sites, a live workload,
+    /// failover → commit → reprotect → failback → commit → reverse replicate.
+    Demo(cmd::demo::DemoArgs),
+    /// Run a site node (process server and/or master target roles).
+    Node(cmd::node::NodeArgs),
+    /// Machines of the `local` driver.
+    #[command(subcommand)]
+    Machine(cmd::node::MachineCommand),
     #[command(flatten)]
     Client(cmd::client::Command),
+    /// Write pattern blocks through NBD, several in flight, logging every write.
+    Workload(cmd::workload::WorkloadArgs),
+    /// Check disks against a workload log (torn, lost or resurrected writes).
+    Verify(cmd::workload::VerifyArgs),
 }
 
 fn main() -> ExitCode {
@@ -62,7 +74,12 @@ fn main() -> ExitCode {
         Command::Diff(args) => cmd::sync::run_diff(args),
         Command::SyncServer(args) => cmd::sync::run_server(args),
         Command::Server(args) => cmd::server::run(args),
+        Command::Demo(args) => cmd::demo::run(args),
+        Command::Node(args) => cmd::node::run_node(args),
+        Command::Machine(c) => cmd::node::run_machine(c),
         Command::Client(c) => cmd::client::run(c),
+        Command::Workload(args) => cmd::workload::run_workload_cmd(args),
+        Command::Verify(args) => cmd::workload::run_verify(args),
     };
     match result {
         Ok(code) => code,

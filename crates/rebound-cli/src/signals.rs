@@ -15,3 +15,22 @@ pub fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()
         }
     })
 }
+
+/// For commands that run on threads: a flag set when SIGTERM or SIGINT
+/// arrives. The handlers are registered before this returns.
+pub fn shutdown_flag() -> std::io::Result<std::sync::Arc<std::sync::atomic::AtomicBool>> {
+    let flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let signal = {
+        let _e = rt.enter();
+        shutdown_signal()?
+    };
+    let f = flag.clone();
+    std::thread::spawn(move || {
+        rt.block_on(signal);
+        f.store(true, std::sync::atomic::Ordering::SeqCst);
+    });
+    Ok(flag)
+}

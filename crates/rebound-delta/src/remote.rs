@@ -350,6 +350,27 @@ fn resolve_name(root: &Path, name: &str) -> Result<PathBuf, SyncError> {
 
 /// Serve syncs on `listener` for disks under `root`, one thread per connection.
 pub fn serve(listener: TcpListener, root: PathBuf, token: Token) -> std::io::Result<()> {
+    serve_with(listener, root, token, ServeOptions::default())
+}
+
+/// What a server allows beyond plain [`serve`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ServeOptions {
+    /// Refuse pushes: an agent lets master targets pull (read) its
+    /// machine's live disks but never write them.
+    pub read_only: bool,
+    /// Create missing directories under the root for a pushed disk (a
+    /// node's cache and incoming queues have one directory per item).
+    pub create_dirs: bool,
+}
+
+/// [`serve`] with [`ServeOptions`].
+pub fn serve_with(
+    listener: TcpListener,
+    root: PathBuf,
+    token: Token,
+    opts: ServeOptions,
+) -> std::io::Result<()> {
     let busy: Arc<Mutex<HashSet<String>>> = Arc::default();
     let mut next_id = 0u64;
     for conn in listener.incoming() {
@@ -370,7 +391,7 @@ pub fn serve(listener: TcpListener, root: PathBuf, token: Token) -> std::io::Res
                 .unwrap_or_default();
             let span = tracing::info_span!("sync_conn", conn = id, peer = %peer);
             let _g = span.enter();
-            match serve_connection(stream, &root, &token, &busy) {
+            match serve_connection(stream, &root, &token, &busy, opts) {
                 Ok(()) => tracing::info!("sync finished"),
                 Err(e) => {
                     tracing::warn!(code = %rebound_types::Coded::code(&e), error = %e, "sync failed")
@@ -387,6 +408,7 @@ pub fn serve_connection(
     root: &Path,
     token: &Token,
     busy: &Mutex<HashSet<String>>,
+    opts: ServeOptions,
 ) -> Result<(), SyncError> {
     let _ = stream.set_nodelay(true);
     // A silent peer may not hold a thread forever during the handshake.
@@ -409,9 +431,28 @@ pub fn serve_connection(
             ))));
         }
     };
+    if opts.read_only && open.mode == Mode::Push && !open.dry_run {
+        let e = SyncError::Invalid(format!(
+            "disk {:?} is served read-only: pull from it instead",
+            open.name
+        ));
+        let _ = c.tx.send(e.to_msg());
+        finish(c);
+        return Err(e);
+    }
     let guard = BusyGuard::take(busy, &open.name);
     let r = match guard {
-        Some(_) => run_open(&mut c, root, &open, &hs.session_key),
+        Some(_) => {
+            if opts.create_dirs
+                && open.mode == Mode::Push
+                && !open.dry_run
+                && let Ok(path) = resolve_name(root, &open.name)
+                && let Some(parent) = path.parent()
+            {
+                let _ = rebound_disk::crashsafe::create_dir_all_durable(parent);
+            }
+            run_open(&mut c, root, &open, &hs.session_key)
+        }
         None => Err(SyncError::Remote {
             code: rebound_types::ErrorCode::ExportBusy,
             message: format!("disk {:?} is already being synced", open.name),

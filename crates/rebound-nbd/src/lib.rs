@@ -6,6 +6,7 @@
 //!
 //! Written from the NBD project's protocol document (`doc/proto.md`).
 
+pub mod client;
 mod device;
 mod error;
 mod handshake;
@@ -14,6 +15,7 @@ mod server;
 mod threaded;
 mod transmission;
 
+pub use client::{ClientError, ExportInfo, NbdAddr, NbdClient, NbdUri};
 pub use device::{BlockDevice, Caps, DeviceError, Extent, ZeroFlags};
 pub use error::NbdError;
 pub use server::{ListenAddr, Listener, Server, ServerConfig, Stream};

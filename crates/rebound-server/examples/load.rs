@@ -100,6 +100,7 @@ async fn main() -> anyhow::Result<()> {
                         machine: format!("vm{i}"),
                         running: true,
                         suspended: false,
+                        sync_barrier: None,
                     }),
                     ..Default::default()
                 };

@@ -14,6 +14,7 @@ use rebound_store::{JobFilter, new_id};
 use rebound_types::ErrorCode;
 use serde::Deserialize;
 use std::time::SystemTime;
+use tracing::info;
 use utoipa::IntoParams;
 
 type Created<T> = (StatusCode, Json<T>);
@@ -89,6 +90,7 @@ pub async fn enrol(
         process_server: None,
         master_target: None,
         agent: None,
+        data_addr: None,
     };
     store.insert_component(&component).await?;
     let token = format!("rbt_{}", rebound_store::random_hex(24));
@@ -240,7 +242,7 @@ pub async fn get_component(
     Path(id): Path<String>,
 ) -> AppResult<Json<Component>> {
     if c.component_id.as_deref() != Some(id.as_str()) {
-        c.require_reader()?;
+        c.require_reader_or_component()?;
     }
     let comp = state
         .store
@@ -288,6 +290,9 @@ pub async fn heartbeat(
     }
     if hb.master_target.is_some() {
         comp.master_target = hb.master_target;
+    }
+    if hb.data_addr.is_some() {
+        comp.data_addr = hb.data_addr;
     }
     state.store.put_component(&comp).await?;
     Ok(Json(with_health(comp, &state)))
@@ -463,7 +468,7 @@ pub async fn get_item(
     Extension(c): Extension<Caller>,
     Path(id): Path<String>,
 ) -> AppResult<Json<Item>> {
-    c.require_reader()?;
+    c.require_reader_or_component()?;
     let mut item = load_item(&state, &id).await?;
     rpo(&mut item);
     Ok(Json(item))
@@ -617,6 +622,53 @@ pub async fn detach_item(
     Ok(Json(item))
 }
 
+/// An agent that starts with a machine (after a failover or failback too)
+/// becomes the item's agent when it runs at the item's active site, so the
+/// next jobs and replication cycles address it.
+#[utoipa::path(post, path = "/api/v1/items/{id}/agent", tag = "items", security(("bearer" = [])),
+    params(("id" = String, Path, description = "item id or name")),
+    responses((status = 200, body = Item), (status = 401, body = ApiError), (status = 403, body = ApiError), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
+pub async fn attach_agent(
+    State(state): State<AppState>,
+    Extension(c): Extension<Caller>,
+    Path(id): Path<String>,
+) -> AppResult<Json<Item>> {
+    c.require(&[Scope::Agent])?;
+    let Some(agent_id) = c.component_id.clone() else {
+        return Err(AppError::new(
+            ErrorCode::Forbidden,
+            "only an enrolled agent's own token may attach to an item",
+        ));
+    };
+    let _w = state.store.lock().await;
+    let mut item = load_item(&state, &id).await?;
+    let agent = state
+        .store
+        .component(&agent_id)
+        .await?
+        .ok_or_else(|| not_found("component", &agent_id))?;
+    let active_site_id = match item.active_site {
+        rebound_api::SiteRole::Primary => &item.primary_site_id,
+        rebound_api::SiteRole::Recovery => &item.recovery_site_id,
+    };
+    if &agent.site_id != active_site_id {
+        return Err(AppError::new(
+            ErrorCode::ActionNotAllowed,
+            format!(
+                "item {} runs at its {} site, not at this agent's site",
+                item.name, item.active_site
+            ),
+        ));
+    }
+    if item.agent_id.as_deref() != Some(agent_id.as_str()) {
+        item.agent_id = Some(agent_id);
+        item.updated_at = time::now();
+        state.store.put_item(&item).await?;
+        info!(item = %item.id, agent = ?item.agent_id, "agent attached");
+    }
+    Ok(Json(item))
+}
+
 #[utoipa::path(get, path = "/api/v1/items/{id}/points", tag = "items", security(("bearer" = [])),
     params(("id" = String, Path)),
     responses((status = 200, body = [RecoveryPoint]), (status = 401, body = ApiError), (status = 403, body = ApiError), (status = 404, body = ApiError)))]
@@ -625,7 +677,7 @@ pub async fn list_points(
     Extension(c): Extension<Caller>,
     Path(id): Path<String>,
 ) -> AppResult<Json<Vec<RecoveryPoint>>> {
-    c.require_reader()?;
+    c.require_reader_or_component()?;
     let item = load_item(&state, &id).await?;
     Ok(Json(state.store.points(&item.id).await?))
 }
@@ -667,6 +719,7 @@ pub async fn report_point(
         time: when,
         kind: req.kind,
         group_marker: req.group_marker,
+        barrier_ns: req.barrier_ns,
     };
     state.store.insert_point(&point).await?;
     if item
@@ -913,7 +966,7 @@ pub async fn get_job(
     Extension(c): Extension<Caller>,
     Path(id): Path<String>,
 ) -> AppResult<Json<Job>> {
-    c.require_reader()?;
+    c.require_reader_or_component()?;
     Ok(Json(load_job(&state, &id).await?))
 }
 

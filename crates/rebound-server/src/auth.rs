@@ -37,6 +37,18 @@ impl Caller {
         self.require(&[Scope::Operator, Scope::Viewer])
     }
 
+    /// Reads a component needs to do its work (its item, its jobs, its
+    /// peers' addresses): people's tokens and component tokens.
+    pub fn require_reader_or_component(&self) -> Result<(), AppError> {
+        self.require(&[
+            Scope::Operator,
+            Scope::Viewer,
+            Scope::Agent,
+            Scope::ProcessServer,
+            Scope::MasterTarget,
+        ])
+    }
+
     /// Portal actions and configuration changes.
     pub fn require_operator(&self) -> Result<(), AppError> {
         self.require(&[Scope::Operator])

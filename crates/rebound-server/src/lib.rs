@@ -65,7 +65,7 @@ pub struct AppState {
         api::list_sites, api::create_site,
         api::list_components, api::get_component, api::heartbeat,
         api::list_policies, api::get_policy, api::create_policy, api::update_policy,
-        api::list_items, api::get_item, api::create_item, api::item_action, api::detach_item,
+        api::list_items, api::get_item, api::create_item, api::item_action, api::detach_item, api::attach_agent,
         api::list_points, api::report_point,
         api::list_groups, api::create_group, api::list_plans, api::create_plan, api::plan_action,
         api::list_jobs, api::get_job, api::cancel_job, api::continue_job, api::report_step, api::work,
@@ -197,6 +197,7 @@ pub fn app(state: AppState) -> Router {
         .route("/items/{id}", get(api::get_item))
         .route("/items/{id}/actions", post(api::item_action))
         .route("/items/{id}/detach", post(api::detach_item))
+        .route("/items/{id}/agent", post(api::attach_agent))
         .route(
             "/items/{id}/points",
             get(api::list_points).post(api::report_point),

@@ -169,6 +169,7 @@ async fn full_lifecycle_failover_reprotect_failback_reverse_replicate() {
                 time: None,
                 kind: PointKind::AppConsistent,
                 group_marker: None,
+                barrier_ns: None,
             },
         )
         .await
@@ -349,6 +350,7 @@ async fn prechecks_report_every_failure_at_once() {
                     machine: "vm1".into(),
                     running: true,
                     suspended: true,
+                    sync_barrier: None,
                 }),
                 ..Default::default()
             },

@@ -200,6 +200,7 @@ async fn points_are_listed_newest_first() {
                 time: t.into(),
                 kind: PointKind::CrashConsistent,
                 group_marker: None,
+                barrier_ns: None,
             })
             .await
             .unwrap();
@@ -297,6 +298,7 @@ async fn components_and_policies_round_trip() {
             process_server: None,
             master_target: None,
             agent: None,
+            data_addr: None,
         };
         s.insert_component(&c).await.unwrap();
         c.last_heartbeat = Some(rebound_control::time::now());

@@ -4,7 +4,8 @@
 //! step.
 //!
 //! Ranges: 1000s disks and input, 1100s wire, 1200s delta sync,
-//! 2000s journal, 3000s NBD and agent, 4000s control plane.
+//! 2000s journal, 3000s NBD and agent, 4000s control plane, 5000s workload,
+//! verify and the NBD client.
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -177,6 +178,26 @@ error_codes! {
     /// Another agent already tracks this disk (its state file is locked).
     DirtyStateLocked = 3005, "dirty-state-locked",
         "Stop the other agent serving this disk; one disk is exported by one agent at a time.";
+
+    // --- workload, verify and the NBD client: 5000s ---
+    /// The workload log cannot be read or written, or a record before its last is damaged.
+    WorkloadLog = 5001, "workload-log",
+        "Check the --log path, its permissions and free space; a damaged record before the last one means the log was altered, start a new log on fresh disks.";
+    /// The NBD server closed the connection or failed a request while the workload ran.
+    WorkloadDisconnected = 5002, "workload-disconnected",
+        "Expected when the export is stopped or failed over (pass --tolerate-disconnect); otherwise check the export and run the workload again, it continues the same log.";
+    /// The disks do not hold what the workload log says they must.
+    WorkloadVerifyFailed = 5003, "workload-verify-failed",
+        "A write was lost, torn, reordered or resurrected: the message names the disk, the block and the write ids; check the replication path that produced these disks.";
+    /// The NBD server refused the export name.
+    NbdExportRefused = 5004, "nbd-export-refused",
+        "Check the export name in the NBD URI (`nbdinfo --list URI` lists the exports).";
+    /// The NBD server answered something outside the protocol or beyond our limits.
+    NbdServerProtocol = 5005, "nbd-server-protocol",
+        "Check what listens at that address and that it is an NBD server speaking the fixed newstyle protocol.";
+    /// The NBD server answered a request with an error.
+    NbdRequestFailed = 5006, "nbd-request-failed",
+        "Check the server's log and its disk (errno in the message); run the command again once the export is healthy.";
 
     // --- control plane: 4000s ---
     /// The request carried no bearer token, or an unknown or revoked one.

@@ -23,6 +23,30 @@ enum AgentCommand {
     /// Serve raw disks (image files or block devices) over NBD, tracking
     /// every changed 4 KiB block persistently.
     Export(ExportArgs),
+    /// Run a machine's agent: serve its disks over NBD, register and
+    /// heartbeat, replicate by cycles, run its workload. Nodes start it.
+    Run(RunArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// The machine directory (`local` driver).
+    dir: PathBuf,
+    #[arg(long, env = "REBOUND_SERVER")]
+    server: String,
+    /// The site where the machine runs.
+    #[arg(long)]
+    site: String,
+    #[arg(long, env = "REBOUND_REGISTRATION_KEY", hide_env_values = true)]
+    registration_key: String,
+    /// Replication cycle in seconds (the RPO).
+    #[arg(long, env = "REBOUND_RPO_SECS", default_value_t = 30)]
+    interval_secs: u64,
+    #[arg(long, env = "REBOUND_HEARTBEAT_SECS", default_value_t = 5)]
+    heartbeat_secs: u64,
+    /// Address of the read-only data port.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    data_listen: String,
 }
 
 #[derive(clap::Args)]
@@ -49,6 +73,22 @@ struct ExportArgs {
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     match args.command {
         AgentCommand::Export(a) => export(a),
+        AgentCommand::Run(a) => {
+            let shutdown = crate::signals::shutdown_flag()?;
+            rebound_node::agent::run(
+                rebound_node::agent::AgentConfig {
+                    dir: a.dir,
+                    server: a.server,
+                    site: a.site,
+                    registration_key: a.registration_key,
+                    interval: Duration::from_secs(a.interval_secs.max(1)),
+                    heartbeat: Duration::from_secs(a.heartbeat_secs.max(1)),
+                    data_listen: a.data_listen,
+                },
+                shutdown,
+            )?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

@@ -1,6 +1,9 @@
 pub mod agent;
 pub mod client;
+pub mod demo;
 pub mod errors;
 pub mod journal;
+pub mod node;
 pub mod server;
 pub mod sync;
+pub mod workload;

@@ -264,6 +264,7 @@ pub async fn heartbeat_all(w: &World) {
                 machine: "vm1".into(),
                 running: true,
                 suspended: false,
+                sync_barrier: None,
             }),
             ..Default::default()
         },

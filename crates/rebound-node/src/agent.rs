@@ -1,0 +1,794 @@
+//! The agent (mobility service) of one machine: `rebound agent run DIR`.
+//!
+//! It serves the machine's disks over NBD (so it is in the write path),
+//! enrols and heartbeats, attaches itself to the machine's replicated item
+//! when it runs at the item's active site, and replicates by cycles: every
+//! interval it holds writes on all disks for an instant (the cycle's
+//! barrier: a crash-consistent point of the machine), copies the leaves
+//! marked since the last cycle into a changeset file, releases writes, and
+//! ships the file through the process server to the master target. It also
+//! serves its disks read-only on a data port, from which master targets pull
+//! whole-disk syncs, and runs the machine's workload.
+
+use crate::changeset::{self, Closes, Header};
+use crate::client::{Api, Identity, data_token};
+use crate::machine::{Machine, Manifest};
+use anyhow::{Context, bail};
+use rebound_agent::{DiskExport, ExportSpec, Marker};
+use rebound_api::{
+    AgentFacts, ComponentRole, Heartbeat, Item, Phase, SiteRole, StepReport, StepState,
+};
+use rebound_delta::RemoteAddr;
+use rebound_disk::Disk;
+use rebound_nbd::{
+    BlockDevice, Caps, DeviceError, Extent, ListenAddr, Listener, Server, ZeroFlags,
+};
+use rebound_types::LEAF_SIZE;
+use std::net::TcpListener;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tracing::{info, info_span, warn};
+
+/// The manifest's copy on the agent's data port.
+pub const MANIFEST_COPY: &str = "manifest.json";
+
+/// How an agent runs.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub dir: PathBuf,
+    pub server: String,
+    pub site: String,
+    pub registration_key: String,
+    /// Replication cycle (RPO), default 30 s.
+    pub interval: Duration,
+    pub heartbeat: Duration,
+    /// Address the data port binds (port 0: any free port).
+    pub data_listen: String,
+}
+
+/// Writes wait here while a cycle takes its barrier; once the machine is
+/// stopped every write is refused.
+#[derive(Default)]
+pub struct Hold {
+    gate: RwLock<()>,
+    stopped: AtomicBool,
+}
+
+/// A disk export whose writes pass through the machine's hold.
+pub struct HeldDisk {
+    inner: Arc<DiskExport>,
+    hold: Arc<Hold>,
+}
+
+impl HeldDisk {
+    fn writing<T>(&self, f: impl FnOnce() -> Result<T, DeviceError>) -> Result<T, DeviceError> {
+        let _g = self.hold.gate.read().unwrap_or_else(|p| p.into_inner());
+        if self.hold.stopped.load(SeqCst) {
+            return Err(DeviceError::Shutdown);
+        }
+        f()
+    }
+}
+
+impl BlockDevice for HeldDisk {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn caps(&self) -> Caps {
+        self.inner.caps()
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), DeviceError> {
+        self.inner.read(offset, buf)
+    }
+    fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), DeviceError> {
+        self.writing(|| self.inner.write(offset, data, fua))
+    }
+    fn flush(&self) -> Result<(), DeviceError> {
+        self.inner.flush()
+    }
+    fn trim(&self, range: Range<u64>, fua: bool) -> Result<(), DeviceError> {
+        self.writing(|| self.inner.trim(range, fua))
+    }
+    fn write_zeroes(&self, range: Range<u64>, flags: ZeroFlags) -> Result<(), DeviceError> {
+        self.writing(|| self.inner.write_zeroes(range, flags))
+    }
+    fn block_status(&self, range: Range<u64>, max: usize) -> Result<Vec<Extent>, DeviceError> {
+        self.inner.block_status(range, max)
+    }
+}
+
+/// The barrier an agent took for a master target's whole-disk sync: once
+/// the job succeeds, everything up to it is on the target.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct SyncBarrier {
+    job: String,
+    markers: Vec<u64>,
+}
+
+struct Agent {
+    cfg: AgentConfig,
+    machine: Machine,
+    manifest: Manifest,
+    exports: Vec<Arc<DiskExport>>,
+    hold: Arc<Hold>,
+    api: Api,
+    id: Identity,
+    site_id: String,
+    data_addr: String,
+    token: rebound_wire::Token,
+    /// Our site's role for the current item (primary or recovery).
+    item: Option<Item>,
+    sync_barrier: Option<SyncBarrier>,
+    next_seq: u64,
+    workload: Option<Child>,
+    nbd_stop: Option<tokio::sync::oneshot::Sender<()>>,
+    stopped: bool,
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// Run the agent until SIGTERM (or until its stopped machine is no longer
+/// needed by any job).
+pub fn run(cfg: AgentConfig, shutdown: Arc<AtomicBool>) -> anyhow::Result<()> {
+    let machine = Machine::at(&cfg.dir);
+    let manifest = machine.manifest()?;
+    let span = info_span!("agent", machine = %manifest.name, site = %cfg.site);
+    let _g = span.enter();
+    rebound_disk::crashsafe::create_dir_all_durable(&machine.state_dir())?;
+    rebound_disk::crashsafe::create_dir_all_durable(&outbox(&machine))?;
+
+    // Disks and NBD first: the machine runs even when the configuration
+    // server is unreachable.
+    let hold = Arc::new(Hold::default());
+    let mut exports = Vec::new();
+    let mut server = Server::new(rebound_nbd::ServerConfig::default());
+    for d in &manifest.disks {
+        let spec = ExportSpec {
+            name: d.name.clone(),
+            path: machine.disk_path(&d.name),
+            read_only: false,
+            state_dir: Some(machine.state_dir()),
+        };
+        let (export, report) = DiskExport::open(&spec)?;
+        if let Some(r) = report
+            && r.unclean
+        {
+            warn!(disk = %d.name, regions = r.regions_recovered, "previous agent stopped uncleanly; regions marked for replication");
+        }
+        let export = Arc::new(export);
+        server.add_export(
+            &d.name,
+            &spec.path.display().to_string(),
+            Arc::new(HeldDisk {
+                inner: export.clone(),
+                hold: hold.clone(),
+            }),
+        )?;
+        exports.push(export);
+    }
+    let socket = machine.socket();
+    let _ = std::fs::remove_file(&socket);
+    let (nbd_stop, nbd_stopped) = tokio::sync::oneshot::channel::<()>();
+    let (bound_tx, bound_rx) = std::sync::mpsc::channel();
+    let addr = ListenAddr::Unix(socket.clone());
+    let nbd_thread = std::thread::spawn(move || -> anyhow::Result<()> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        let r = rt.block_on(async move {
+            let listener = match Listener::bind(&addr).await {
+                Ok(l) => {
+                    let _ = bound_tx.send(Ok(()));
+                    l
+                }
+                Err(e) => {
+                    let _ = bound_tx.send(Err(e.to_string()));
+                    return Ok(());
+                }
+            };
+            Arc::new(server)
+                .serve(listener, async {
+                    let _ = nbd_stopped.await;
+                })
+                .await
+        });
+        rt.shutdown_timeout(Duration::from_secs(30));
+        r.map_err(anyhow::Error::from)
+    });
+    match bound_rx.recv() {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => bail!("NBD socket {}: {e}", socket.display()),
+        Err(_) => bail!("the NBD server did not start"),
+    }
+
+    // The read-only data port for master targets' pulls.
+    let token = data_token(&cfg.registration_key)?;
+    let listener = TcpListener::bind(&cfg.data_listen)
+        .with_context(|| format!("data port {}", cfg.data_listen))?;
+    let data_addr = listener.local_addr()?.to_string();
+    // Master targets read the manifest from here too (a failover creates the
+    // machine from it); the rest of the machine directory (credentials,
+    // state) is not served.
+    rebound_disk::crashsafe::write_file_durable(
+        &machine.dir.join("disks").join(MANIFEST_COPY),
+        &serde_json::to_vec_pretty(&manifest)?,
+    )?;
+    {
+        let (root, token) = (machine.dir.join("disks"), token.clone());
+        std::thread::spawn(move || {
+            rebound_delta::serve_with(
+                listener,
+                root,
+                token,
+                rebound_delta::ServeOptions {
+                    read_only: true,
+                    create_dirs: false,
+                },
+            )
+        });
+    }
+
+    let api = Api::new(&cfg.server, None);
+    let name = format!("{}-{}", manifest.name, cfg.site);
+    let id = enrol_until(
+        &machine.state_dir().join("agent.json"),
+        &api,
+        &cfg.registration_key,
+        &name,
+        &cfg.site,
+        &shutdown,
+    )?;
+    let api = api.with_token(id.token.clone());
+    let me = api.component(&id.component_id)?;
+
+    let next_seq = load_seq(&machine)? + 1;
+    let sync_barrier = std::fs::read(machine.state_dir().join("sync-barrier.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    let mut agent = Agent {
+        machine: machine.clone(),
+        manifest,
+        exports,
+        hold,
+        api,
+        id,
+        site_id: me.site_id,
+        data_addr,
+        token,
+        item: None,
+        sync_barrier,
+        next_seq,
+        workload: None,
+        nbd_stop: Some(nbd_stop),
+        stopped: false,
+        cfg,
+    };
+    agent.start_workload()?;
+    std::fs::write(machine.pid_path(), std::process::id().to_string())?;
+    rebound_disk::crashsafe::write_file_durable(&machine.dir.join("agent.ready"), b"ready\n")?;
+    info!(data = %agent.data_addr, "agent running");
+
+    let result = agent.main_loop(&shutdown);
+    agent.stop_machine();
+    let _ = nbd_thread.join();
+    for e in &agent.exports {
+        if let Err(err) = e.close() {
+            warn!(disk = e.name(), error = %err, "closing dirty tracking failed");
+        }
+    }
+    let _ = std::fs::remove_file(machine.pid_path());
+    let _ = std::fs::remove_file(machine.dir.join("agent.ready"));
+    info!("agent stopped");
+    result
+}
+
+fn enrol_until(
+    path: &Path,
+    api: &Api,
+    key: &str,
+    name: &str,
+    site: &str,
+    shutdown: &AtomicBool,
+) -> anyhow::Result<Identity> {
+    loop {
+        match Identity::load_or_enrol(path, api, key, ComponentRole::Agent, name, site) {
+            Ok(id) => return Ok(id),
+            Err(e) if !shutdown.load(SeqCst) => {
+                warn!(error = %e, "enrolment failed; retrying");
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn outbox(m: &Machine) -> PathBuf {
+    m.state_dir().join("outbox")
+}
+
+fn load_seq(m: &Machine) -> anyhow::Result<u64> {
+    let persisted = std::fs::read_to_string(m.state_dir().join("seq"))
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    let queued = changeset::queued(&outbox(m))?
+        .last()
+        .map(|(s, _)| *s)
+        .unwrap_or(0);
+    Ok(persisted.max(queued))
+}
+
+impl Agent {
+    fn our_role(&self, item: &Item) -> Option<SiteRole> {
+        if item.primary_site_id == self.site_id {
+            Some(SiteRole::Primary)
+        } else if item.recovery_site_id == self.site_id {
+            Some(SiteRole::Recovery)
+        } else {
+            None
+        }
+    }
+
+    fn start_workload(&mut self) -> anyhow::Result<()> {
+        let Some(args) = self.manifest.workload.clone() else {
+            return Ok(());
+        };
+        let mut argv: Vec<String> = args
+            .iter()
+            .map(|a| {
+                let mut a = a.clone();
+                for d in &self.manifest.disks {
+                    a = a.replace(
+                        &format!("{{nbd:{}}}", d.name),
+                        &self.machine.nbd_uri(&d.name),
+                    );
+                }
+                a
+            })
+            .collect();
+        if let Some(t) = self.manifest.after_point_ns {
+            argv.push("--after-point".into());
+            argv.push(t.to_string());
+        }
+        let exe = std::env::current_exe()?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.machine.dir.join("workload.out"))?;
+        let child = Command::new(exe)
+            .args(&argv)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting the workload")?;
+        info!(pid = child.id(), "workload started");
+        if self.manifest.after_point_ns.is_some() {
+            // Declared once: the workload's log now carries the new epoch.
+            self.manifest.after_point_ns = None;
+            self.machine.save_manifest(&self.manifest)?;
+        }
+        self.workload = Some(child);
+        Ok(())
+    }
+
+    fn stop_workload(&mut self) {
+        if let Some(mut child) = self.workload.take() {
+            if let Some(p) = rustix::process::Pid::from_raw(child.id() as i32) {
+                let _ = rustix::process::kill_process(p, rustix::process::Signal::TERM);
+            }
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                match child.try_wait() {
+                    Ok(Some(_)) | Err(_) => break,
+                    Ok(None) if Instant::now() > deadline => {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        break;
+                    }
+                    Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+            info!("workload stopped");
+        }
+    }
+
+    /// Stop the machine: its workload, then every write, then the NBD export.
+    fn stop_machine(&mut self) {
+        if self.stopped {
+            return;
+        }
+        self.stop_workload();
+        {
+            let _g = self.hold.gate.write().unwrap_or_else(|p| p.into_inner());
+            self.hold.stopped.store(true, SeqCst);
+        }
+        for e in &self.exports {
+            let _ = e.flush();
+        }
+        if let Some(tx) = self.nbd_stop.take() {
+            let _ = tx.send(());
+        }
+        self.stopped = true;
+        info!("machine stopped");
+    }
+
+    fn heartbeat(&self) {
+        let hb = Heartbeat {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            agent: Some(AgentFacts {
+                machine: self.manifest.name.clone(),
+                running: !self.stopped,
+                suspended: false,
+                sync_barrier: self.sync_barrier.as_ref().map(|b| b.job.clone()),
+            }),
+            data_addr: Some(self.data_addr.clone()),
+            ..Default::default()
+        };
+        if let Err(e) = self.api.heartbeat(&self.id.component_id, &hb) {
+            warn!(error = %e, "heartbeat failed");
+        }
+    }
+
+    fn main_loop(&mut self, shutdown: &AtomicBool) -> anyhow::Result<()> {
+        let mut last_hb = Instant::now() - self.cfg.heartbeat;
+        let mut last_cycle = Instant::now();
+        while !shutdown.load(SeqCst) {
+            if let Some(c) = &mut self.workload
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                info!(%status, "workload exited");
+                self.workload = None;
+            }
+            self.refresh_item();
+            let barrier_changed = self.track_sync_barrier();
+            if barrier_changed || last_hb.elapsed() >= self.cfg.heartbeat {
+                self.heartbeat();
+                last_hb = Instant::now();
+            }
+            self.do_work();
+            if self.should_replicate() && last_cycle.elapsed() >= self.cfg.interval {
+                last_cycle = Instant::now();
+                if let Err(e) = self.cycle() {
+                    warn!(error = %e, "replication cycle failed; the leaves stay marked");
+                }
+            }
+            if let Err(e) = self.ship() {
+                warn!(error = %e, "shipping changesets failed; retrying next cycle");
+            }
+            if self.stopped && self.no_longer_needed() {
+                info!("machine stopped and no job needs its disks: agent exits");
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Ok(())
+    }
+
+    fn refresh_item(&mut self) {
+        match self.api.item(&self.manifest.name) {
+            Ok(item) => {
+                let ours = self.our_role(&item) == Some(item.active_site);
+                if ours && !self.stopped && item.agent_id.as_deref() != Some(&self.id.component_id)
+                {
+                    match self.api.attach_agent(&item.id) {
+                        Ok(i) => {
+                            info!(item = %i.id, "attached to the item");
+                            self.item = Some(i);
+                            return;
+                        }
+                        Err(e) => warn!(error = %e, "attaching to the item failed"),
+                    }
+                }
+                self.item = Some(item);
+            }
+            Err(crate::client::CallError::Api { status: 404, .. }) => self.item = None,
+            Err(e) => warn!(error = %e, "reading the item failed"),
+        }
+    }
+
+    fn is_our_agent(&self) -> bool {
+        self.item
+            .as_ref()
+            .is_some_and(|i| i.agent_id.as_deref() == Some(self.id.component_id.as_str()))
+    }
+
+    /// Take a barrier when a master target is about to pull a whole-disk
+    /// sync (enable protection, reprotect); acknowledge it once the job
+    /// succeeded, drop it if the job failed. Returns whether it changed.
+    fn track_sync_barrier(&mut self) -> bool {
+        let Some(item) = self.item.clone() else {
+            return false;
+        };
+        if !self.is_our_agent() {
+            return false;
+        }
+        let syncing = matches!(
+            item.state.phase,
+            Phase::EnablingProtection | Phase::Reprotecting
+        ) && self.our_role(&item) == Some(item.state.direction.source());
+        match (&self.sync_barrier, syncing, &item.job_id) {
+            (None, true, Some(job)) => {
+                let mut markers = Vec::new();
+                for e in &self.exports {
+                    let Some(t) = e.tracker() else { continue };
+                    match t.barrier() {
+                        Ok(m) => markers.push(m.0),
+                        Err(err) => {
+                            warn!(error = %err, "barrier failed");
+                            return false;
+                        }
+                    }
+                }
+                let b = SyncBarrier {
+                    job: job.clone(),
+                    markers,
+                };
+                if self.save_barrier(Some(&b)).is_err() {
+                    return false;
+                }
+                info!(job = %b.job, "barrier taken for the master target's sync");
+                self.sync_barrier = Some(b);
+                true
+            }
+            (Some(b), false, _) => {
+                let b = b.clone();
+                let succeeded = item.state.phase == Phase::Protected
+                    && self.our_role(&item) == Some(item.state.direction.source());
+                if succeeded {
+                    for (e, m) in self.exports.iter().zip(&b.markers) {
+                        if let Some(t) = e.tracker() {
+                            let leaves = t.leaf_count();
+                            let all = 0..leaves;
+                            let cleared = t.acknowledge(Marker(*m), std::slice::from_ref(&all));
+                            let _ = t.persist();
+                            info!(disk = e.name(), cleared, "sync acknowledged");
+                        }
+                    }
+                } else {
+                    info!(job = %b.job, "sync did not complete; leaves stay marked");
+                }
+                let _ = self.save_barrier(None);
+                self.sync_barrier = None;
+                true
+            }
+            (Some(b), true, Some(job)) if &b.job != job => {
+                // A new job while an old barrier was pending: start over.
+                let _ = self.save_barrier(None);
+                self.sync_barrier = None;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn save_barrier(&self, b: Option<&SyncBarrier>) -> anyhow::Result<()> {
+        let p = self.machine.state_dir().join("sync-barrier.json");
+        match b {
+            Some(b) => rebound_disk::crashsafe::write_file_durable(&p, &serde_json::to_vec(b)?)?,
+            None => {
+                if p.exists() {
+                    rebound_disk::crashsafe::remove_file_durable(&p)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn should_replicate(&self) -> bool {
+        let Some(item) = &self.item else {
+            return false;
+        };
+        !self.stopped
+            && self.is_our_agent()
+            && self.sync_barrier.is_none()
+            && replicating(item.state.phase)
+            && self.our_role(item) == Some(item.state.direction.source())
+            && item.process_server_id.is_some()
+    }
+
+    /// One replication cycle: barrier under the hold, copy marked leaves to
+    /// a durable changeset, release, acknowledge.
+    fn cycle(&mut self) -> anyhow::Result<()> {
+        let Some(item) = self.item.clone() else {
+            return Ok(());
+        };
+        let seq = self.next_seq;
+        let path = outbox(&self.machine).join(changeset::file_name(seq));
+        let header = Header {
+            item: item.id.clone(),
+            seq,
+            barrier_ns: 0,
+            closes: Closes::CrashConsistent,
+            disk_sizes: self.exports.iter().map(|e| e.size()).collect(),
+        };
+        let disks: Vec<Disk> = self
+            .manifest
+            .disks
+            .iter()
+            .map(|d| Disk::open_read(&self.machine.disk_path(&d.name)))
+            .collect::<Result<_, _>>()?;
+        let mut marked = Vec::new();
+        let (writer, barrier_ns) = {
+            // Every acknowledged write is in the disks; none is in flight.
+            let _g = self.hold.gate.write().unwrap_or_else(|p| p.into_inner());
+            let barrier_ns = now_ns();
+            let mut h = header.clone();
+            h.barrier_ns = barrier_ns;
+            let mut w = changeset::Writer::create(&path, &h)?;
+            for (i, e) in self.exports.iter().enumerate() {
+                let Some(t) = e.tracker() else { continue };
+                let m = t.barrier()?;
+                let runs = t.changed_since(Marker::ORIGIN);
+                let size = e.size();
+                let mut buf = Vec::new();
+                for r in &runs {
+                    let start = r.start * LEAF_SIZE;
+                    let end = (r.end * LEAF_SIZE).min(size.next_multiple_of(LEAF_SIZE));
+                    let mut off = start;
+                    while off < end {
+                        let n = (end - off).min(8 << 20);
+                        buf.resize(n as usize, 0);
+                        read_padded(&disks[i], &mut buf, off, size)?;
+                        w.record(i as u16, off, &buf)?;
+                        off += n;
+                    }
+                }
+                marked.push((i, m, runs));
+            }
+            (w, barrier_ns)
+        };
+        let bytes = writer.data_bytes;
+        writer.finish()?;
+        rebound_disk::crashsafe::write_file_durable(
+            &self.machine.state_dir().join("seq"),
+            seq.to_string().as_bytes(),
+        )?;
+        self.next_seq = seq + 1;
+        // The changeset is durable: the leaves no longer need their marks.
+        for (i, m, runs) in marked {
+            if let Some(t) = self.exports[i].tracker() {
+                t.acknowledge(m, &runs);
+                t.persist()?;
+            }
+        }
+        info!(seq, bytes, barrier_ns, "cycle closed");
+        Ok(())
+    }
+
+    /// Push queued changesets, oldest first, to the item's process server.
+    fn ship(&mut self) -> anyhow::Result<()> {
+        let queued = changeset::queued(&outbox(&self.machine))?;
+        if queued.is_empty() {
+            return Ok(());
+        }
+        let Some(item) = self.item.clone() else {
+            return Ok(());
+        };
+        let Some(ps) = item.process_server_id.clone() else {
+            return Ok(());
+        };
+        let Some(addr) = self.api.component(&ps)?.data_addr else {
+            bail!("process server {ps} has not reported its data port yet");
+        };
+        for (seq, path) in queued {
+            let h = changeset::verify(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let name = format!("cache/{}/{}", h.item, changeset::file_name(seq));
+            let remote = remote_addr(&addr, &name)?;
+            let opts = rebound_delta::Options {
+                full: true,
+                ..Default::default()
+            };
+            rebound_delta::push(&path, &remote, &self.token, &opts, None)?;
+            rebound_disk::crashsafe::remove_file_durable(&path)?;
+        }
+        Ok(())
+    }
+
+    /// Steps assigned to this agent (stop the source for phase 2).
+    fn do_work(&mut self) {
+        let work = match self.api.work() {
+            Ok(w) => w,
+            Err(e) => {
+                warn!(error = %e, "polling work failed");
+                return;
+            }
+        };
+        for w in work {
+            let span = info_span!("step", job = %w.job_id, step = %w.step);
+            let _g = span.enter();
+            let res = match w.step.as_str() {
+                "stop_source" => {
+                    self.stop_machine();
+                    // Stopped on purpose: the node must not restart it.
+                    let _ = std::fs::remove_file(self.machine.dir.join("want-running"));
+                    // Writes are over: one last cycle brings the journal to
+                    // the machine's final state. Best effort: the final delta
+                    // sync compares the disks themselves.
+                    if let Err(e) = self.cycle().and_then(|_| self.ship()) {
+                        warn!(error = %e, "last cycle after stopping failed");
+                    }
+                    Ok(())
+                }
+                other => Err(anyhow::anyhow!("an agent does not run step {other}")),
+            };
+            let report = match res {
+                Ok(()) => StepReport {
+                    state: StepState::Done,
+                    bytes_done: 0,
+                    bytes_total: 0,
+                    error_code: None,
+                    message: Some(format!("machine {} stopped", self.manifest.name)),
+                },
+                Err(e) => StepReport {
+                    state: StepState::Failed,
+                    bytes_done: 0,
+                    bytes_total: 0,
+                    error_code: Some(rebound_types::ErrorCode::InvalidRequest.number()),
+                    message: Some(e.to_string()),
+                },
+            };
+            if let Err(e) = self.api.report(&w.job_id, w.step_index, &report) {
+                warn!(error = %e, "reporting the step failed");
+            }
+            self.heartbeat();
+        }
+    }
+
+    fn no_longer_needed(&self) -> bool {
+        match &self.item {
+            None => true,
+            Some(i) => i.job_id.is_none() && !is_job_phase(i.state.phase),
+        }
+    }
+}
+
+fn is_job_phase(p: Phase) -> bool {
+    !matches!(
+        p,
+        Phase::Unprotected
+            | Phase::Protected
+            | Phase::TestFailoverActive
+            | Phase::CommitPending
+            | Phase::Committed
+    )
+}
+
+fn replicating(p: Phase) -> bool {
+    matches!(
+        p,
+        Phase::Protected
+            | Phase::TestFailoverStarting
+            | Phase::TestFailoverActive
+            | Phase::TestFailoverCleaning
+            | Phase::FailoverSyncing
+            | Phase::FailoverSynced
+    )
+}
+
+/// Read `buf.len()` bytes at `off`; past the end of the disk reads zeros
+/// (the last leaf of a disk whose size is not a leaf multiple).
+fn read_padded(d: &Disk, buf: &mut [u8], off: u64, size: u64) -> anyhow::Result<()> {
+    let avail = size.saturating_sub(off).min(buf.len() as u64) as usize;
+    d.read_at(&mut buf[..avail], off)?;
+    buf[avail..].fill(0);
+    Ok(())
+}
+
+pub fn remote_addr(host_port: &str, name: &str) -> anyhow::Result<RemoteAddr> {
+    match RemoteAddr::parse(&format!("rebound://{host_port}/{name}")) {
+        Some(Ok(a)) => Ok(a),
+        Some(Err(e)) => Err(e.into()),
+        None => bail!("{host_port}: not a data port address"),
+    }
+}

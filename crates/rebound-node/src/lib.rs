@@ -1,0 +1,22 @@
+//! A site node (DESIGN.md §1, §5): the process server and master target
+//! roles, the agent that runs with each machine, and the `local` driver that
+//! hosts machines as directories.
+//!
+//! Data flows: an agent closes a replication cycle under a write hold (a
+//! crash-consistent instant of all the machine's disks), writes the changed
+//! leaves as a checksummed changeset file, and pushes it with the delta-sync
+//! engine to its site's process server; the process server keeps it in a
+//! durable cache and forwards it, in order, to the master target of the
+//! other site, which appends it to the item's journal and reports the
+//! recovery point. Whole-disk syncs (initial sync, reprotect, failback) are
+//! pulls by the master target from the agent's read-only data port into a
+//! staged copy that is switched in only when the job succeeds.
+
+pub mod agent;
+pub mod changeset;
+pub mod client;
+pub mod facts;
+pub mod machine;
+pub mod node;
+pub mod process;
+pub mod target;

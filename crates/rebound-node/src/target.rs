@@ -1,0 +1,1103 @@
+//! The master target role.
+//!
+//! - **Replica** of an item at this site: base disks on a datastore
+//!   (`<datastore>/<item>/<disk>.img`) plus the journal on a retention volume;
+//!   `DATA/replicas/<item>.json` says where both are. Changesets arriving in
+//!   `DATA/incoming/<item>/` are appended in sequence order, each closing a
+//!   recovery point that is reported to the configuration server.
+//! - **Steps** of jobs assigned to it (DESIGN.md §2): whole-disk syncs pull
+//!   the source agent's disks into a **staged** copy
+//!   (`DATA/staging/<item>/<job>/`), switched in only when the job gets
+//!   there; a cancelled or failed job's staging is deleted, so the
+//!   destination is exactly as before.
+//! - Machines created by failover or failback live on its host (`local`
+//!   driver).
+
+use crate::agent::{MANIFEST_COPY, remote_addr};
+use crate::changeset::{self, Closes};
+use crate::client::Api;
+use crate::machine::{self, Machine, Manifest};
+use anyhow::{Context, anyhow, bail};
+use rebound_api::{
+    Action, FailoverKind, Item, Job, Location, NewRecoveryPoint, Phase, PointKind, StepReport,
+    StepState, WorkItem,
+};
+use rebound_delta::{Options, Progress, Report};
+use rebound_disk::crashsafe;
+use rebound_journal::{Changeset, DiskSpec, Journal, Target};
+use rebound_types::ErrorCode;
+use serde::{Deserialize, Serialize};
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tracing::{info, info_span, warn};
+
+/// What the master target role needs to know about its node.
+#[derive(Clone, Debug)]
+pub struct TargetConfig {
+    pub data_root: PathBuf,
+    pub host_dir: PathBuf,
+    pub datastores: Vec<(String, PathBuf)>,
+    pub retention_volumes: Vec<PathBuf>,
+    pub site: String,
+    pub server: String,
+    pub registration_key: String,
+    pub rebound_exe: PathBuf,
+}
+
+/// Where an item's replica lives on this master target.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ReplicaMeta {
+    pub item_id: String,
+    pub item_name: String,
+    pub datastore: PathBuf,
+    pub volume: PathBuf,
+    pub disks: Vec<(String, u64)>,
+    /// Distinguishes this replica's point ids from an earlier replica's.
+    pub tag: String,
+    /// Changesets whose barrier is older than this are already in the base.
+    pub base_after_ns: u64,
+    pub applied_seq: u64,
+    pub manifest: Option<Manifest>,
+}
+
+pub struct TargetRole {
+    cfg: TargetConfig,
+    api: Api,
+    token: rebound_wire::Token,
+    journals: Mutex<HashMap<String, Journal>>,
+    running: Mutex<HashSet<(String, u32)>>,
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+fn rfc3339(ns: u64) -> String {
+    let t = UNIX_EPOCH + Duration::from_nanos(ns);
+    humantime_rfc3339(t)
+}
+
+fn humantime_rfc3339(t: SystemTime) -> String {
+    // Milliseconds, like the API's other timestamps.
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs() as i64;
+    let ms = d.subsec_millis();
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let (y, m, dd) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{dd:02}T{:02}:{:02}:{:02}.{ms:03}Z",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60
+    )
+}
+
+/// Days since 1970-01-01 to a proleptic Gregorian date.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+/// A step's outcome: done with a message, or failed with a code.
+struct StepError {
+    code: ErrorCode,
+    message: String,
+}
+
+impl<E: std::fmt::Display> From<E> for StepError {
+    fn from(e: E) -> Self {
+        StepError {
+            code: ErrorCode::ComponentUnreachable,
+            message: format!("{e:#}"),
+        }
+    }
+}
+
+fn fail(code: ErrorCode, message: impl Into<String>) -> StepError {
+    StepError {
+        code,
+        message: message.into(),
+    }
+}
+
+impl TargetRole {
+    pub fn new(cfg: TargetConfig, api: Api, token: rebound_wire::Token) -> Arc<TargetRole> {
+        Arc::new(TargetRole {
+            cfg,
+            api,
+            token,
+            journals: Mutex::new(HashMap::new()),
+            running: Mutex::new(HashSet::new()),
+        })
+    }
+
+    fn replicas_dir(&self) -> PathBuf {
+        self.cfg.data_root.join("replicas")
+    }
+
+    fn meta_path(&self, item_id: &str) -> PathBuf {
+        self.replicas_dir().join(format!("{item_id}.json"))
+    }
+
+    pub fn replica(&self, item_id: &str) -> Option<ReplicaMeta> {
+        let b = std::fs::read(self.meta_path(item_id)).ok()?;
+        serde_json::from_slice(&b).ok()
+    }
+
+    fn save_replica(&self, m: &ReplicaMeta) -> anyhow::Result<()> {
+        crashsafe::create_dir_all_durable(&self.replicas_dir())?;
+        crashsafe::write_file_durable(&self.meta_path(&m.item_id), &serde_json::to_vec_pretty(m)?)?;
+        Ok(())
+    }
+
+    fn incoming(&self, item_id: &str) -> PathBuf {
+        self.cfg.data_root.join("incoming").join(item_id)
+    }
+
+    fn staging(&self, item_id: &str, job: &str) -> PathBuf {
+        self.cfg.data_root.join("staging").join(item_id).join(job)
+    }
+
+    /// Machines on this node's host (for facts and name checks).
+    pub fn machines(&self) -> Vec<Machine> {
+        machine::list(&self.cfg.host_dir)
+    }
+
+    fn datastore_for(&self, item: &Item, job: Option<&Job>) -> Result<PathBuf, StepError> {
+        let name = job
+            .and_then(|j| j.request.datastore.clone())
+            .or_else(|| item.datastore.clone());
+        match name {
+            None => self
+                .cfg
+                .datastores
+                .first()
+                .map(|(_, p)| p.clone())
+                .ok_or_else(|| {
+                    fail(
+                        ErrorCode::DatastoreInaccessible,
+                        "this master target has no datastore",
+                    )
+                }),
+            Some(n) => self
+                .cfg
+                .datastores
+                .iter()
+                .find(|(dn, p)| *dn == n || p.display().to_string() == n)
+                .map(|(_, p)| p.clone())
+                .ok_or_else(|| {
+                    fail(
+                        ErrorCode::DatastoreInaccessible,
+                        format!("datastore {n:?} is not one of this master target's"),
+                    )
+                }),
+        }
+    }
+
+    fn volume_for(&self, item: &Item, job: Option<&Job>) -> Result<PathBuf, StepError> {
+        let v = job
+            .and_then(|j| j.request.retention_volume.clone())
+            .or_else(|| item.retention_volume.clone());
+        match v {
+            None => self.cfg.retention_volumes.first().cloned().ok_or_else(|| {
+                fail(
+                    ErrorCode::RetentionVolumeIneligible,
+                    "this master target has no retention volume",
+                )
+            }),
+            Some(v) => Ok(PathBuf::from(v)),
+        }
+    }
+
+    // ------------------------------------------------------------ applier
+
+    /// Append arriving changesets to their journals, in order.
+    pub fn apply_loop(self: &Arc<Self>, stop: Arc<AtomicBool>) {
+        while !stop.load(SeqCst) {
+            let items: Vec<String> = std::fs::read_dir(self.cfg.data_root.join("incoming"))
+                .map(|rd| {
+                    rd.flatten()
+                        .filter_map(|e| e.file_name().to_str().map(String::from))
+                        .collect()
+                })
+                .unwrap_or_default();
+            for item in items {
+                if let Err(e) = self.apply_item(&item) {
+                    warn!(item = %item, error = %e, "applying changesets failed");
+                }
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn with_journal<T>(
+        &self,
+        meta: &ReplicaMeta,
+        f: impl FnOnce(&mut Journal) -> anyhow::Result<T>,
+    ) -> anyhow::Result<T> {
+        let mut g = self.journals.lock().unwrap_or_else(|p| p.into_inner());
+        if !g.contains_key(&meta.item_id) {
+            let j = Journal::open(&meta.volume, &meta.item_id, Default::default())?;
+            g.insert(meta.item_id.clone(), j);
+        }
+        let j = g
+            .get_mut(&meta.item_id)
+            .ok_or_else(|| anyhow!("journal of {} not open", meta.item_id))?;
+        f(j)
+    }
+
+    fn forget_journal(&self, item_id: &str) {
+        self.journals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(item_id);
+    }
+
+    fn apply_item(&self, item_id: &str) -> anyhow::Result<()> {
+        let dir = self.incoming(item_id);
+        let queued = changeset::queued(&dir)?;
+        if queued.is_empty() {
+            return Ok(());
+        }
+        let Some(mut meta) = self.replica(item_id) else {
+            // No replica yet (its sync is running): the changesets wait.
+            return Ok(());
+        };
+        for (seq, path) in queued {
+            let header = match changeset::verify(&path) {
+                Ok(h) => h,
+                Err(changeset::ChangesetError::Invalid(m)) => {
+                    // Still arriving: stop here, in order.
+                    tracing::debug!(seq, reason = %m, "changeset not complete yet");
+                    return Ok(());
+                }
+                Err(e) => return Err(anyhow!("{e}")),
+            };
+            if seq <= meta.applied_seq || header.barrier_ns <= meta.base_after_ns {
+                // Already applied, or older than the replica's base.
+                crashsafe::remove_file_durable(&path)?;
+                continue;
+            }
+            if header.item != item_id || header.disk_sizes.len() != meta.disks.len() {
+                bail!(
+                    "E{} changeset {seq} does not match the replica of {item_id}",
+                    ErrorCode::InvalidRequest.number()
+                );
+            }
+            let kind = match header.closes {
+                Closes::CrashConsistent => rebound_journal::PointKind::CrashConsistent,
+                Closes::AppConsistent => rebound_journal::PointKind::AppConsistent,
+            };
+            let point = self.with_journal(&meta, |j| {
+                // Large changesets go in parts; only the last closes the point.
+                let mut cs = Changeset::new().at(header.barrier_ns);
+                let mut bytes = 0usize;
+                changeset::read_records(&path, |disk, off, data| {
+                    bytes += data.len();
+                    cs.writes.push(rebound_journal::Write {
+                        disk,
+                        offset: off,
+                        data,
+                    });
+                    if bytes >= 64 << 20 {
+                        let part =
+                            std::mem::replace(&mut cs, Changeset::new().at(header.barrier_ns));
+                        j.append(&part)
+                            .map_err(|e| changeset::ChangesetError::Invalid(e.to_string()))?;
+                        bytes = 0;
+                    }
+                    Ok(())
+                })
+                .map_err(|e| anyhow!("{e}"))?;
+                let done = j.append(&cs.point(kind))?;
+                Ok(done.point)
+            })?;
+            meta.applied_seq = seq;
+            self.save_replica(&meta)?;
+            crashsafe::remove_file_durable(&path)?;
+            if let Some(p) = point {
+                let r = self.api.report_point(
+                    item_id,
+                    &NewRecoveryPoint {
+                        id: format!("{}.{p}", meta.tag),
+                        time: Some(rfc3339(header.barrier_ns)),
+                        kind: match kind {
+                            rebound_journal::PointKind::AppConsistent => PointKind::AppConsistent,
+                            _ => PointKind::CrashConsistent,
+                        },
+                        group_marker: None,
+                        barrier_ns: Some(header.barrier_ns),
+                    },
+                );
+                if let Err(e) = r {
+                    warn!(error = %e, "reporting the recovery point failed");
+                }
+                info!(item = item_id, seq, point = p, "recovery point");
+            }
+        }
+        Ok(())
+    }
+
+    // ------------------------------------------------------------ steps
+
+    /// Poll the configuration server for steps and run each on a thread.
+    pub fn work_loop(self: &Arc<Self>, stop: Arc<AtomicBool>) {
+        let mut last_gc = Instant::now();
+        while !stop.load(SeqCst) {
+            match self.api.work() {
+                Ok(work) => {
+                    for w in work {
+                        let key = (w.job_id.clone(), w.step_index);
+                        let fresh = self
+                            .running
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert(key.clone());
+                        if fresh {
+                            let me = self.clone();
+                            std::thread::spawn(move || {
+                                me.run_step(&w);
+                                me.running
+                                    .lock()
+                                    .unwrap_or_else(|p| p.into_inner())
+                                    .remove(&key);
+                            });
+                        }
+                    }
+                }
+                Err(e) => warn!(error = %e, "polling work failed"),
+            }
+            if last_gc.elapsed() > Duration::from_secs(2) {
+                last_gc = Instant::now();
+                self.collect_staging();
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+
+    /// Remove the staging of jobs that ended (cancelled, failed or done).
+    fn collect_staging(&self) {
+        let root = self.cfg.data_root.join("staging");
+        let Ok(items) = std::fs::read_dir(&root) else {
+            return;
+        };
+        for item in items.flatten() {
+            let Ok(jobs) = std::fs::read_dir(item.path()) else {
+                continue;
+            };
+            for job in jobs.flatten() {
+                let Some(id) = job.file_name().to_str().map(String::from) else {
+                    continue;
+                };
+                let ended = match self.api.job(&id) {
+                    Ok(j) => j.state.is_finished(),
+                    Err(crate::client::CallError::Api { status: 404, .. }) => true,
+                    Err(_) => false,
+                };
+                if ended {
+                    info!(job = %id, "removing the staging of an ended job");
+                    let _ = crashsafe::remove_dir_all_durable(&job.path());
+                }
+            }
+        }
+    }
+
+    fn report(
+        &self,
+        w: &WorkItem,
+        state: StepState,
+        done: u64,
+        total: u64,
+        msg: Option<String>,
+        code: Option<ErrorCode>,
+    ) {
+        let r = StepReport {
+            state,
+            bytes_done: done,
+            bytes_total: total,
+            error_code: code.map(|c| c.number()),
+            message: msg,
+        };
+        if let Err(e) = self.api.report(&w.job_id, w.step_index, &r) {
+            warn!(job = %w.job_id, error = %e, "reporting the step failed");
+        }
+    }
+
+    fn run_step(self: &Arc<Self>, w: &WorkItem) {
+        let span = info_span!("step", job = %w.job_id, step = %w.step, item = ?w.item_id);
+        let _g = span.enter();
+        info!("step started");
+        let res = self.step(w);
+        match res {
+            Ok((msg, total)) => {
+                info!(%msg, "step done");
+                self.report(w, StepState::Done, total, total, Some(msg), None);
+            }
+            Err(e) => {
+                warn!(code = %e.code.number(), error = %e.message, "step failed");
+                self.report(w, StepState::Failed, 0, 0, Some(e.message), Some(e.code));
+            }
+        }
+    }
+
+    fn step(self: &Arc<Self>, w: &WorkItem) -> Result<(String, u64), StepError> {
+        let item_id = w.item_id.clone().ok_or_else(|| {
+            fail(
+                ErrorCode::InvalidRequest,
+                "a master target step needs an item",
+            )
+        })?;
+        let item = self.api.item(&item_id)?;
+        let job = self.api.job(&w.job_id)?;
+        let planned = job.request.kind == Some(FailoverKind::Planned)
+            || (job.request.kind.is_none() && job.action == Action::Failback);
+        match w.step.as_str() {
+            "initial_sync" => self.sync_replica(w, &item, &job, false),
+            "count_differences" => self.count_differences(w, &item, &job),
+            "delta_sync" if item.state.phase == Phase::Reprotecting => {
+                self.sync_replica(w, &item, &job, true)
+            }
+            "delta_sync" | "final_delta_sync" => self.sync_staging(w, &item, &job, false),
+            "full_download" => self.sync_staging(w, &item, &job, true),
+            "verify" => self.verify(&item, &job),
+            "materialise_point" => self.materialise_point(&item, &job),
+            "start_destination" => self.start_destination(&item, &job, planned),
+            "commit" => self.commit(&item),
+            "stop_replication" => {
+                self.drop_replica(&item.id)?;
+                Ok(("replication stopped; replica removed".into(), 0))
+            }
+            "create_test_machine" => self.create_test_machine(&item, &job),
+            "remove_test_machine" => {
+                let m = Machine::at(self.cfg.host_dir.join(format!("{}-test", item.name)));
+                m.stop(Duration::from_secs(30))?;
+                let _ = crashsafe::remove_dir_all_durable(&m.dir);
+                Ok(("test machine removed".into(), 0))
+            }
+            other => Err(fail(
+                ErrorCode::InvalidRequest,
+                format!("a master target does not run step {other}"),
+            )),
+        }
+    }
+
+    /// The source agent's data port, once it has taken the barrier for this
+    /// job (for syncs that start replication), or at once.
+    fn source_agent(
+        &self,
+        item: &Item,
+        job: &Job,
+        need_barrier: bool,
+    ) -> Result<String, StepError> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let fresh = self.api.item(&item.id)?;
+            if let Some(agent_id) = &fresh.agent_id {
+                let agent = self.api.component(agent_id)?;
+                let barrier_ok = !need_barrier
+                    || agent.agent.as_ref().and_then(|a| a.sync_barrier.as_deref())
+                        == Some(job.id.as_str());
+                if let (Some(addr), true) = (agent.data_addr.clone(), barrier_ok) {
+                    return Ok(addr);
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(fail(
+                    ErrorCode::AgentUnreachable,
+                    format!(
+                        "the agent of {} did not get ready for the sync within 60 s",
+                        item.name
+                    ),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn disk_names(item: &Item) -> Vec<(String, u64)> {
+        item.disks
+            .iter()
+            .map(|d| (d.name.clone(), d.size_bytes))
+            .collect()
+    }
+
+    /// Pull every disk of the item from `addr` into `dir`, reporting progress.
+    fn pull_all(
+        &self,
+        w: &WorkItem,
+        item: &Item,
+        addr: &str,
+        dir: &Path,
+        opts: &Options,
+    ) -> Result<Vec<Report>, StepError> {
+        crashsafe::create_dir_all_durable(dir)?;
+        let disks = Self::disk_names(item);
+        let total: u64 = disks.iter().map(|d| d.1).sum();
+        let mut done_before = 0u64;
+        let mut reports = Vec::new();
+        for (name, size) in &disks {
+            let remote = remote_addr(addr, &format!("{name}.img"))?;
+            let progress = Arc::new(Progress::default());
+            let stop = Arc::new(AtomicBool::new(false));
+            let reporter = {
+                let (p, stop, me_api, w) =
+                    (progress.clone(), stop.clone(), self.api.clone(), w.clone());
+                let base = done_before;
+                std::thread::spawn(move || {
+                    while !stop.load(SeqCst) {
+                        std::thread::sleep(Duration::from_millis(500));
+                        let done = base + p.done.load(SeqCst);
+                        let _ = me_api.report(
+                            &w.job_id,
+                            w.step_index,
+                            &StepReport {
+                                state: StepState::Running,
+                                bytes_done: done.min(total),
+                                bytes_total: total,
+                                error_code: None,
+                                message: None,
+                            },
+                        );
+                    }
+                })
+            };
+            let mut o = opts.clone();
+            o.state_dir = Some(dir.join(".resume"));
+            let r = rebound_delta::pull(
+                &remote,
+                &dir.join(format!("{name}.img")),
+                &self.token,
+                &o,
+                Some(progress),
+            );
+            stop.store(true, SeqCst);
+            let _ = reporter.join();
+            let r =
+                r.map_err(|e| fail(rebound_types::Coded::code(&e), format!("disk {name}: {e}")))?;
+            done_before += size;
+            reports.push(r);
+        }
+        Ok(reports)
+    }
+
+    /// Compare each staged disk with the source's, writing nothing. A dry
+    /// push from the staging: the comparing side counts the differing leaves
+    /// (the same set either way) and both BLAKE3 roots are compared.
+    fn compare_all(
+        &self,
+        item: &Item,
+        addr: &str,
+        dir: &Path,
+    ) -> Result<Vec<(String, Report)>, StepError> {
+        let mut out = Vec::new();
+        for (name, _) in Self::disk_names(item) {
+            let remote = remote_addr(addr, &format!("{name}.img"))?;
+            let r = rebound_delta::push(
+                &dir.join(format!("{name}.img")),
+                &remote,
+                &self.token,
+                &Options {
+                    dry_run: true,
+                    ..Default::default()
+                },
+                None,
+            )
+            .map_err(|e| fail(rebound_types::Coded::code(&e), format!("disk {name}: {e}")))?;
+            out.push((name, r));
+        }
+        Ok(out)
+    }
+
+    fn pull_manifest(&self, addr: &str, dir: &Path) -> Option<Manifest> {
+        let remote = remote_addr(addr, MANIFEST_COPY).ok()?;
+        let p = dir.join("manifest.json");
+        let _ = std::fs::remove_file(&p);
+        rebound_delta::pull(&remote, &p, &self.token, &Options::default(), None).ok()?;
+        let m: Manifest = serde_json::from_slice(&std::fs::read(&p).ok()?).ok()?;
+        Some(m)
+    }
+
+    /// The local machine that is the item's "original location" here.
+    fn local_machine(&self, item: &Item) -> Option<Machine> {
+        let m = Machine::at(self.cfg.host_dir.join(&item.name));
+        m.manifest_path().is_file().then_some(m)
+    }
+
+    /// Seed a staging directory so the delta sync moves only differences:
+    /// from this site's copy of the machine (original location) or from the
+    /// replica's latest point. Local copies skip holes.
+    fn seed(&self, item: &Item, job: &Job, dir: &Path) -> Result<&'static str, StepError> {
+        crashsafe::create_dir_all_durable(dir)?;
+        if dir.join(".seeded").exists() {
+            return Ok("staging already seeded");
+        }
+        let alternate = job.request.location == Some(Location::Alternate);
+        let disks = Self::disk_names(item);
+        let what = if let (Some(meta), false) = (
+            self.replica(&item.id),
+            item.state.phase == Phase::Reprotecting,
+        ) {
+            let latest = self.with_journal(&meta, |j| Ok(j.latest().map(|p| p.id)))?;
+            let targets: Vec<PathBuf> = disks
+                .iter()
+                .map(|(n, _)| dir.join(format!("{n}.img")))
+                .collect();
+            for t in &targets {
+                let _ = std::fs::remove_file(t);
+            }
+            match latest {
+                Some(p) => {
+                    self.with_journal(
+                        &meta,
+                        |j| Ok(j.materialise(p, &Target::NewFiles(targets))?),
+                    )?;
+                    "the replica's latest point"
+                }
+                None => {
+                    for ((n, _), t) in disks.iter().zip(&targets) {
+                        sparse_copy(&meta.datastore.join(&item.id).join(format!("{n}.img")), t)?;
+                    }
+                    "the replica's base"
+                }
+            }
+        } else if let (Some(m), false) = (self.local_machine(item), alternate) {
+            if m.is_running() {
+                return Err(fail(
+                    ErrorCode::ActionNotAllowed,
+                    format!("machine {} runs on this host; stop it first", item.name),
+                ));
+            }
+            for (n, _) in &disks {
+                sparse_copy(&m.disk_path(n), &dir.join(format!("{n}.img")))?;
+            }
+            "the machine's disks at this site"
+        } else {
+            "nothing (full copy)"
+        };
+        crashsafe::write_file_durable(&dir.join(".seeded"), what.as_bytes())?;
+        Ok(what)
+    }
+
+    fn count_differences(
+        &self,
+        w: &WorkItem,
+        item: &Item,
+        job: &Job,
+    ) -> Result<(String, u64), StepError> {
+        let need_barrier = item.state.phase == Phase::Reprotecting;
+        let addr = self.source_agent(item, job, need_barrier)?;
+        let dir = self.staging(&item.id, &job.id);
+        let seeded = self.seed(item, job, &dir)?;
+        let started = Instant::now();
+        let _ = w;
+        let reports = self.compare_all(item, &addr, &dir)?;
+        let differing: u64 = reports.iter().map(|(_, r)| r.bytes_differing).sum();
+        let size: u64 = reports.iter().map(|(_, r)| r.size).sum();
+        // The comparison read both sides; sending is bounded by the same
+        // reads plus the differing bytes: estimate from this run's speed.
+        let secs = started.elapsed().as_secs_f64();
+        let eta = secs + differing as f64 / (200.0 * 1024.0 * 1024.0);
+        Ok((
+            format!(
+                "{differing} bytes differ in {} disk(s) of {size} bytes (staging seeded from {seeded}); ETA {eta:.1} s",
+                reports.len()
+            ),
+            differing,
+        ))
+    }
+
+    /// Sync into the staging and keep it there (planned failover/failback).
+    fn sync_staging(
+        &self,
+        w: &WorkItem,
+        item: &Item,
+        job: &Job,
+        full: bool,
+    ) -> Result<(String, u64), StepError> {
+        let addr = self.source_agent(item, job, false)?;
+        let dir = self.staging(&item.id, &job.id);
+        if full {
+            let _ = crashsafe::remove_dir_all_durable(&dir);
+            crashsafe::create_dir_all_durable(&dir)?;
+            crashsafe::write_file_durable(&dir.join(".seeded"), b"nothing (full download)")?;
+        } else {
+            self.seed(item, job, &dir)?;
+        }
+        if let Some(m) = self.pull_manifest(&addr, &dir) {
+            crashsafe::write_file_durable(
+                &dir.join("manifest.json"),
+                &serde_json::to_vec_pretty(&m)?,
+            )?;
+        }
+        let reports = self.pull_all(
+            w,
+            item,
+            &addr,
+            &dir,
+            &Options {
+                full,
+                ..Default::default()
+            },
+        )?;
+        let sent: u64 = reports.iter().map(|r| r.bytes_differing).sum();
+        let wire: u64 = reports.iter().map(|r| r.wire_bytes_received).sum();
+        Ok((
+            format!(
+                "{sent} differing bytes synced into the staging ({wire} bytes on the wire); roots verified"
+            ),
+            sent,
+        ))
+    }
+
+    /// Sync into a staging then promote it to the item's replica and start a
+    /// new journal: enable protection and reprotect.
+    fn sync_replica(
+        &self,
+        w: &WorkItem,
+        item: &Item,
+        job: &Job,
+        seeded: bool,
+    ) -> Result<(String, u64), StepError> {
+        let addr = self.source_agent(item, job, true)?;
+        let after = now_ns();
+        let dir = self.staging(&item.id, &job.id);
+        let from = if seeded {
+            self.seed(item, job, &dir)?
+        } else {
+            crashsafe::create_dir_all_durable(&dir)?;
+            "nothing (initial sync)"
+        };
+        let manifest = self.pull_manifest(&addr, &dir);
+        let reports = self.pull_all(w, item, &addr, &dir, &Options::default())?;
+        let sent: u64 = reports.iter().map(|r| r.bytes_differing).sum();
+        let datastore = self.datastore_for(item, Some(job))?;
+        let volume = self.volume_for(item, Some(job))?;
+        self.drop_replica(&item.id)?;
+        let base_dir = datastore.join(&item.id);
+        crashsafe::create_dir_all_durable(&base_dir)?;
+        let disks = Self::disk_names(item);
+        let mut specs = Vec::new();
+        for (n, size) in &disks {
+            let base = base_dir.join(format!("{n}.img"));
+            crashsafe::durable_rename(&dir.join(format!("{n}.img")), &base)?;
+            specs.push(DiskSpec {
+                name: n.clone(),
+                size: *size,
+                base: Some(base),
+            });
+        }
+        crashsafe::create_dir_all_durable(&volume)?;
+        let journal = Journal::create(&volume, &item.id, &specs, Default::default())
+            .map_err(|e| fail(rebound_types::Coded::code(&e), e.to_string()))?;
+        drop(journal);
+        let meta = ReplicaMeta {
+            item_id: item.id.clone(),
+            item_name: item.name.clone(),
+            datastore,
+            volume,
+            disks,
+            tag: format!("{:x}", after / 1_000_000),
+            base_after_ns: after,
+            applied_seq: 0,
+            manifest,
+        };
+        self.save_replica(&meta)?;
+        let _ = crashsafe::remove_dir_all_durable(&dir);
+        Ok((
+            format!(
+                "replica ready: {sent} differing bytes synced (seeded from {from}); journal on {}",
+                meta.volume.display()
+            ),
+            sent,
+        ))
+    }
+
+    fn verify(&self, item: &Item, job: &Job) -> Result<(String, u64), StepError> {
+        let addr = self.source_agent(item, job, false)?;
+        let dir = self.staging(&item.id, &job.id);
+        let mut roots = Vec::new();
+        for (name, r) in self.compare_all(item, &addr, &dir)? {
+            if !r.identical || r.leaves_differing != 0 {
+                return Err(fail(
+                    ErrorCode::VerifyMismatch,
+                    format!(
+                        "disk {name}: {} leaves still differ from the stopped source",
+                        r.leaves_differing
+                    ),
+                ));
+            }
+            roots.push(format!(
+                "{name}={}",
+                &r.source_root[..16.min(r.source_root.len())]
+            ));
+        }
+        Ok((
+            format!(
+                "staged disks equal the source: BLAKE3 roots {}",
+                roots.join(" ")
+            ),
+            0,
+        ))
+    }
+
+    fn materialise_point(&self, item: &Item, job: &Job) -> Result<(String, u64), StepError> {
+        let meta = self.replica(&item.id).ok_or_else(|| {
+            fail(
+                ErrorCode::PointNotFound,
+                format!("no replica of {} on this master target", item.name),
+            )
+        })?;
+        let wanted = job.request.point_id.clone();
+        let (point, barrier) = self
+            .with_journal(&meta, |j| {
+                let p = match &wanted {
+                    Some(id) => {
+                        let n = id
+                            .rsplit_once('.')
+                            .filter(|(tag, _)| *tag == meta.tag)
+                            .and_then(|(_, n)| n.parse::<u64>().ok())
+                            .ok_or_else(|| {
+                                anyhow!("point {id} is not in this replica's journal")
+                            })?;
+                        j.point(n)?.clone()
+                    }
+                    None => j
+                        .latest()
+                        .cloned()
+                        .ok_or_else(|| anyhow!("the journal has no recovery point yet"))?,
+                };
+                Ok((p.id, p.time_ns))
+            })
+            .map_err(|e| fail(ErrorCode::PointNotFound, format!("{e:#}")))?;
+        let dir = self.staging(&item.id, &job.id);
+        let _ = crashsafe::remove_dir_all_durable(&dir);
+        crashsafe::create_dir_all_durable(&dir)?;
+        let targets: Vec<PathBuf> = meta
+            .disks
+            .iter()
+            .map(|(n, _)| dir.join(format!("{n}.img")))
+            .collect();
+        let stats = self.with_journal(&meta, |j| {
+            Ok(j.materialise(point, &Target::NewFiles(targets))?)
+        })?;
+        if let Some(m) = &meta.manifest {
+            let mut m = m.clone();
+            m.after_point_ns = Some(barrier);
+            crashsafe::write_file_durable(
+                &dir.join("manifest.json"),
+                &serde_json::to_vec_pretty(&m)?,
+            )?;
+        }
+        crashsafe::write_file_durable(
+            &dir.join(".point"),
+            format!("{}.{point} {barrier}", meta.tag).as_bytes(),
+        )?;
+        Ok((
+            format!(
+                "point {}.{point} (barrier {barrier} ns) materialised: {} bytes",
+                meta.tag, stats.bytes_written
+            ),
+            stats.bytes_written,
+        ))
+    }
+
+    /// Switch the staged disks in as the machine's disks on this host and
+    /// start it.
+    fn start_destination(
+        &self,
+        item: &Item,
+        job: &Job,
+        planned: bool,
+    ) -> Result<(String, u64), StepError> {
+        let dir = self.staging(&item.id, &job.id);
+        if !dir.is_dir() {
+            return Err(fail(
+                ErrorCode::JobInterrupted,
+                format!("no staged disks for job {}: run the job again", job.id),
+            ));
+        }
+        let staged_manifest: Option<Manifest> = std::fs::read(dir.join("manifest.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let m = Machine::at(self.cfg.host_dir.join(&item.name));
+        m.stop(Duration::from_secs(30))?;
+        let mut manifest = match (m.manifest().ok(), staged_manifest.clone()) {
+            (Some(existing), _) => existing,
+            (None, Some(mf)) => mf,
+            (None, None) => Manifest {
+                name: item.name.clone(),
+                os: item.os,
+                disks: item
+                    .disks
+                    .iter()
+                    .map(|d| machine::DiskEntry {
+                        name: d.name.clone(),
+                        uuid: d.uuid.clone(),
+                        size_bytes: d.size_bytes,
+                    })
+                    .collect(),
+                workload: None,
+                after_point_ns: None,
+            },
+        };
+        if !m.manifest_path().exists() {
+            crashsafe::create_dir_all_durable(&m.dir.join("disks"))?;
+            crashsafe::create_dir_all_durable(&m.state_dir())?;
+        }
+        if let Some(sm) = &staged_manifest {
+            manifest.workload = sm.workload.clone().or(manifest.workload);
+        }
+        manifest.after_point_ns = if planned {
+            None
+        } else {
+            staged_manifest.and_then(|s| s.after_point_ns)
+        };
+        for d in &item.disks {
+            let staged = dir.join(format!("{}.img", d.name));
+            crashsafe::durable_rename(&staged, &m.disk_path(&d.name))?;
+            // The disks changed outside the agent: start its tracking afresh
+            // (a new state file marks every leaf until a sync acknowledges).
+            let _ = std::fs::remove_file(m.state_dir().join(format!("{}.dirty", d.name)));
+        }
+        m.save_manifest(&manifest)?;
+        crashsafe::write_file_durable(&m.dir.join("want-running"), b"1\n")?;
+        let pid = m.start(
+            &self.cfg.rebound_exe,
+            &self.cfg.server,
+            &self.cfg.site,
+            &self.cfg.registration_key,
+        )?;
+        let _ = crashsafe::remove_dir_all_durable(&dir);
+        Ok((
+            format!(
+                "machine {} started on {} (agent pid {pid})",
+                item.name,
+                self.cfg.host_dir.display()
+            ),
+            0,
+        ))
+    }
+
+    fn commit(&self, item: &Item) -> Result<(String, u64), StepError> {
+        // The machine runs here now: the window of points is no longer needed.
+        let had = self.replica(&item.id).is_some();
+        self.drop_replica(&item.id)?;
+        Ok((
+            if had {
+                "committed: the recovery point window was removed".into()
+            } else {
+                "committed".into()
+            },
+            0,
+        ))
+    }
+
+    fn drop_replica(&self, item_id: &str) -> Result<(), StepError> {
+        self.forget_journal(item_id);
+        if let Some(meta) = self.replica(item_id) {
+            let _ = crashsafe::remove_dir_all_durable(&rebound_journal::item_dir(
+                &meta.volume,
+                item_id,
+            ));
+            let _ = crashsafe::remove_dir_all_durable(&meta.datastore.join(item_id));
+            crashsafe::remove_file_durable(&self.meta_path(item_id))?;
+        }
+        let _ = crashsafe::remove_dir_all_durable(&self.incoming(item_id));
+        Ok(())
+    }
+
+    fn create_test_machine(&self, item: &Item, job: &Job) -> Result<(String, u64), StepError> {
+        let meta = self.replica(&item.id).ok_or_else(|| {
+            fail(
+                ErrorCode::PointNotFound,
+                format!("no replica of {} on this master target", item.name),
+            )
+        })?;
+        let name = format!("{}-test", item.name);
+        let m = Machine::at(self.cfg.host_dir.join(&name));
+        if m.manifest_path().exists() {
+            return Err(fail(
+                ErrorCode::NameConflict,
+                format!("machine {name} already exists"),
+            ));
+        }
+        crashsafe::create_dir_all_durable(&m.dir.join("disks"))?;
+        crashsafe::create_dir_all_durable(&m.state_dir())?;
+        let targets: Vec<PathBuf> = meta.disks.iter().map(|(n, _)| m.disk_path(n)).collect();
+        let point = match job
+            .request
+            .point_id
+            .as_deref()
+            .and_then(|id| id.rsplit_once('.'))
+            .and_then(|(_, n)| n.parse().ok())
+        {
+            Some(p) => p,
+            None => self
+                .with_journal(&meta, |j| Ok(j.latest().map(|p| p.id)))?
+                .ok_or_else(|| {
+                    fail(
+                        ErrorCode::PointNotFound,
+                        "the journal has no recovery point yet",
+                    )
+                })?,
+        };
+        self.with_journal(&meta, |j| {
+            Ok(j.materialise(point, &Target::NewFiles(targets))?)
+        })?;
+        let mut manifest = meta
+            .manifest
+            .clone()
+            .context("the replica has no manifest")?;
+        manifest.name = name.clone();
+        manifest.workload = None;
+        manifest.after_point_ns = None;
+        m.save_manifest(&manifest)?;
+        m.start(
+            &self.cfg.rebound_exe,
+            &self.cfg.server,
+            &self.cfg.site,
+            &self.cfg.registration_key,
+        )?;
+        Ok((
+            format!("test machine {name} runs from point {}.{point}", meta.tag),
+            0,
+        ))
+    }
+}
+
+/// Copy a raw image, data extents only (holes stay holes).
+pub fn sparse_copy(from: &Path, to: &Path) -> anyhow::Result<()> {
+    let src = rebound_disk::Disk::open_read(from)?;
+    let size = src.size()?;
+    let _ = std::fs::remove_file(to);
+    let dst = rebound_disk::Disk::open_write(to, true)?;
+    dst.set_len(size)?;
+    let mut buf = vec![0u8; 4 << 20];
+    for ext in src.data_extents(0..size)? {
+        let mut off = ext.start;
+        while off < ext.end {
+            let n = ((ext.end - off) as usize).min(buf.len());
+            src.read_at(&mut buf[..n], off)?;
+            if !rebound_disk::is_zero(&buf[..n]) {
+                dst.write_at(&buf[..n], off)?;
+            }
+            off += n as u64;
+        }
+    }
+    dst.sync_data()?;
+    Ok(())
+}
