@@ -16,7 +16,13 @@ fn demo_runs_the_whole_lifecycle_without_losing_a_write() {
         .expect("running rebound demo");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "demo failed:\n{stdout}\n{stderr}");
+    if !out.status.success() {
+        let kept = lab.keep();
+        panic!(
+            "demo failed (lab kept in {}):\n{stdout}\n{stderr}",
+            kept.display()
+        );
+    }
     for step in [
         "enable protection",
         "unplanned failover",

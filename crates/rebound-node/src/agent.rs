@@ -145,6 +145,7 @@ pub fn run(cfg: AgentConfig, shutdown: Arc<AtomicBool>) -> anyhow::Result<()> {
     let _g = span.enter();
     rebound_disk::crashsafe::create_dir_all_durable(&machine.state_dir())?;
     rebound_disk::crashsafe::create_dir_all_durable(&outbox(&machine))?;
+    let _ = std::fs::remove_file(machine.dir.join(crate::machine::STOPPED));
 
     // Disks and NBD first: the machine runs even when the configuration
     // server is unreachable.
@@ -419,6 +420,7 @@ impl Agent {
         if let Some(tx) = self.nbd_stop.take() {
             let _ = tx.send(());
         }
+        let _ = std::fs::write(self.machine.dir.join(crate::machine::STOPPED), b"1\n");
         self.stopped = true;
         info!("machine stopped");
     }
@@ -546,6 +548,13 @@ impl Agent {
                 let succeeded = item.state.phase == Phase::Protected
                     && self.our_role(&item) == Some(item.state.direction.source());
                 if succeeded {
+                    // Everything queued before the sync is in the new replica:
+                    // older changesets must not follow it anywhere.
+                    if let Ok(q) = changeset::queued(&outbox(&self.machine)) {
+                        for (_, p) in q {
+                            let _ = rebound_disk::crashsafe::remove_file_durable(&p);
+                        }
+                    }
                     for (e, m) in self.exports.iter().zip(&b.markers) {
                         if let Some(t) = e.tracker() {
                             let leaves = t.leaf_count();

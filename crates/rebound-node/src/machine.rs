@@ -18,6 +18,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// Marker the agent writes when it stopped the machine but still runs.
+pub const STOPPED: &str = "stopped";
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskEntry {
     pub name: String,
@@ -106,8 +109,11 @@ impl Machine {
         alive.then_some(pid)
     }
 
+    /// The machine runs: its agent is alive and has not stopped it (a
+    /// stopped machine's agent may stay a while to serve its disks to a
+    /// final sync, with every write refused).
     pub fn is_running(&self) -> bool {
-        self.agent_pid().is_some()
+        self.agent_pid().is_some() && !self.dir.join(STOPPED).exists()
     }
 
     /// Start the agent (`rebound agent run DIR`) and wait until it serves the
@@ -122,6 +128,8 @@ impl Machine {
         if self.is_running() {
             return Ok(self.agent_pid().unwrap_or_default() as u32);
         }
+        // A stopped machine's agent still holds the disks: end it first.
+        self.stop(Duration::from_secs(30))?;
         let ready = self.dir.join("agent.ready");
         let _ = std::fs::remove_file(&ready);
         let log = std::fs::OpenOptions::new()

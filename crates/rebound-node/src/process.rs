@@ -43,6 +43,10 @@ impl Stats {
     }
 }
 
+/// An incomplete cached changeset untouched this long, with complete ones
+/// after it, was abandoned by its sender.
+const ABANDONED_AFTER: Duration = Duration::from_secs(10);
+
 pub fn cache_dir(data_root: &Path) -> PathBuf {
     data_root.join("cache")
 }
@@ -121,12 +125,40 @@ fn forward_item(
             a
         }
     };
-    for (seq, path) in queued {
-        // Still arriving (or damaged): wait; later ones must not overtake it.
-        if let Err(e) = changeset::verify(&path) {
-            debug!(seq, error = %e, "changeset not complete yet");
+    let complete: Vec<bool> = queued
+        .iter()
+        .map(|(_, p)| changeset::verify(p).is_ok())
+        .collect();
+    for (i, (seq, path)) in queued.iter().enumerate() {
+        let seq = *seq;
+        if !complete[i] {
+            // An agent pushes in order and stops at its first failure, so an
+            // incomplete file followed by complete ones was abandoned by a
+            // sender that died or moved to another process server: set it
+            // aside (never forwarded). Otherwise it is still arriving: wait;
+            // later ones must not overtake it.
+            let idle = std::fs::metadata(path)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > ABANDONED_AFTER);
+            if idle && complete[i + 1..].iter().any(|&c| c) {
+                let aside = dir.join("abandoned");
+                rebound_disk::crashsafe::create_dir_all_durable(&aside)?;
+                rebound_disk::crashsafe::durable_rename(
+                    path,
+                    &aside.join(changeset::file_name(seq)),
+                )?;
+                warn!(
+                    item,
+                    seq, "incomplete changeset abandoned by its sender set aside"
+                );
+                continue;
+            }
+            debug!(seq, "changeset not complete yet");
             return Ok(());
         }
+        let path = path.clone();
         let size = std::fs::metadata(&path)?.len();
         let remote = remote_addr(
             &addr,
