@@ -40,7 +40,7 @@ fn demo_runs_the_whole_lifecycle_without_losing_a_write() {
     }
     // Crash consistency at the failover point, then zero loss after failback.
     assert_eq!(
-        stdout.matches("verify: OK").count(),
+        stdout.matches("OK:").count(),
         2,
         "two verifications expected:\n{stdout}"
     );

@@ -5,9 +5,11 @@
 //! disks back and checks them against the log: nothing torn or foreign,
 //! every acknowledged write visible after a planned operation, and crash
 //! consistency at an unplanned failover's point. Epoch records carry the
-//! machine's history across failovers.
+//! machine's history across failovers. [`lab`] starts a two-site lab of
+//! real processes (configuration server, nodes, machines, workloads).
 
 mod error;
+pub mod lab;
 pub mod log;
 pub mod pattern;
 pub mod verify;
