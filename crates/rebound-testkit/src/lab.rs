@@ -29,6 +29,9 @@ pub struct LabConfig {
     pub rpo_secs: u64,
     /// Extra arguments for a site's node (e.g. `--disk-slots 1`).
     pub node_args: Vec<(String, Vec<String>)>,
+    /// Extra environment for every process (e.g. fault injection knobs
+    /// such as `REBOUND_FAULT_CHUNK_DELAY_MS`).
+    pub env: Vec<(String, String)>,
 }
 
 pub struct Lab {
@@ -41,6 +44,7 @@ pub struct Lab {
     pub policy: Policy,
     pub rpo_secs: u64,
     node_args: Vec<(String, Vec<String>)>,
+    env: Vec<(String, String)>,
     children: Vec<(String, Child)>,
     detached: bool,
 }
@@ -101,6 +105,7 @@ impl Lab {
             policy: placeholder_policy(),
             rpo_secs: cfg.rpo_secs.max(1),
             node_args: cfg.node_args.clone(),
+            env: cfg.env.clone(),
             children: Vec::new(),
             detached: false,
         };
@@ -172,6 +177,7 @@ impl Lab {
             .env("REBOUND_RPO_SECS", self.rpo_secs.to_string())
             .env("REBOUND_HEARTBEAT_SECS", "1")
             .env("REBOUND_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out)
@@ -230,6 +236,14 @@ impl Lab {
                 .ok()
                 .and_then(|b| serde_json::from_slice::<NodeInfo>(&b).ok()))
         })
+    }
+
+    /// Change the environment of processes started from now on.
+    pub fn set_env(&mut self, key: &str, value: Option<&str>) {
+        self.env.retain(|(k, _)| k != key);
+        if let Some(v) = value {
+            self.env.push((key.to_string(), v.to_string()));
+        }
     }
 
     /// SIGKILL a child (a crash).

@@ -121,6 +121,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
         exe: std::env::current_exe()?,
         rpo_secs: a.rpo_secs,
         node_args: Vec::new(),
+        env: Vec::new(),
     })?;
     let result = run_lab(&mut lab, &mut tl, t0, disk_size, a.rate.max(1));
     match &result {
