@@ -724,6 +724,10 @@ pub struct JobStep {
     /// For a group step of a recovery plan's job: the item jobs it started.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub job_ids: Vec<String>,
+    /// What the step last said, e.g. the exact bytes that differ and an ETA
+    /// before a reprotect or failback moves data.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]

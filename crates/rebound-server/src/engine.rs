@@ -171,6 +171,7 @@ pub async fn submit(state: &AppState, item_key: &str, req: ActionRequest) -> App
                     updated_at: None,
                     error: None,
                     job_ids: Vec::new(),
+                    message: None,
                 });
             }
             if t.steps.first().map(|s| s.name) == Some("prechecks") {
@@ -404,6 +405,9 @@ pub async fn report(
         step.bytes_done = rep.bytes_done;
         step.bytes_total = rep.bytes_total.max(rep.bytes_done);
         step.updated_at = Some(now.clone());
+        if rep.state != StepState::Failed && rep.message.is_some() {
+            step.message = rep.message.clone();
+        }
         match rep.state {
             StepState::Running => {}
             StepState::Done => {

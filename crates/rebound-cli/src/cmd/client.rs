@@ -232,7 +232,8 @@ pub struct Protect {
     master_target: String,
     #[arg(long)]
     datastore: String,
-    #[arg(long, default_value = "/mnt/retention")]
+    /// The master target's retention volume (a directory it reports).
+    #[arg(long)]
     retention_volume: String,
     #[arg(long)]
     wait: bool,
@@ -271,7 +272,8 @@ pub struct Reprotect {
     process_server: Option<String>,
     #[arg(long)]
     datastore: String,
-    #[arg(long, default_value = "/mnt/retention")]
+    /// The master target's retention volume (a directory it reports).
+    #[arg(long)]
     retention_volume: String,
     /// Run as part of this recovery plan (required for replication groups).
     #[arg(long)]
@@ -482,7 +484,7 @@ fn show_job(job: &Job) {
         job.state
     );
     table(
-        &["#", "step", "by", "state", "progress", "bytes", "error"],
+        &["#", "step", "by", "state", "progress", "bytes", "result"],
         job.steps
             .iter()
             .map(|s| {
@@ -496,6 +498,7 @@ fn show_job(job: &Job) {
                     s.error
                         .as_ref()
                         .map(|e| format!("E{} {}", e.code, e.message))
+                        .or_else(|| s.message.clone())
                         .unwrap_or_default(),
                 ]
             })
