@@ -564,7 +564,9 @@ pub struct ActionRequest {
     pub sync: Option<SyncMode>,
     #[serde(default)]
     pub location: Option<Location>,
-    /// Recovery point id (failover, change_recovery_point); default the latest.
+    /// Recovery point (failover, change_recovery_point, test failover): a point
+    /// id, `latest` (default), `latest-processed`, `latest-app-consistent`, or
+    /// `at:TIME` (RFC 3339: the latest point at or before it).
     #[serde(default)]
     pub point_id: Option<String>,
     #[serde(default)]
@@ -614,6 +616,63 @@ pub struct RecoveryPoint {
     /// instant the agent held writes), for `rebound verify --point-time`.
     #[serde(default)]
     pub barrier_ns: Option<u64>,
+}
+
+/// How an action's `point_id` chooses a recovery point: a point id, or
+/// `latest`, `latest-processed`, `latest-app-consistent`, or `at:TIME`
+/// (RFC 3339: the latest point at or before it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PointChoice {
+    Latest,
+    LatestProcessed,
+    LatestAppConsistent,
+    /// Nanoseconds since the UNIX epoch.
+    AtOrBefore(u64),
+    Id(String),
+}
+
+#[cfg(test)]
+mod point_choice_tests {
+    use super::PointChoice;
+
+    #[test]
+    fn keywords_times_and_ids() {
+        assert_eq!(PointChoice::parse("latest"), PointChoice::Latest);
+        assert_eq!(
+            PointChoice::parse("latest-app-consistent"),
+            PointChoice::LatestAppConsistent
+        );
+        assert_eq!(
+            PointChoice::parse("at:1970-01-01T00:00:01Z"),
+            PointChoice::AtOrBefore(1_000_000_000)
+        );
+        assert_eq!(
+            PointChoice::parse("at:yesterday"),
+            PointChoice::Id("at:yesterday".into())
+        );
+        assert_eq!(
+            PointChoice::parse("1a2b.7"),
+            PointChoice::Id("1a2b.7".into())
+        );
+    }
+}
+
+impl PointChoice {
+    pub fn parse(s: &str) -> PointChoice {
+        match s {
+            "latest" => PointChoice::Latest,
+            "latest-processed" => PointChoice::LatestProcessed,
+            "latest-app-consistent" => PointChoice::LatestAppConsistent,
+            other => match other
+                .strip_prefix("at:")
+                .and_then(|t| humantime::parse_rfc3339_weak(t).ok())
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            {
+                Some(d) => PointChoice::AtOrBefore(d.as_nanos() as u64),
+                None => PointChoice::Id(other.to_string()),
+            },
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]

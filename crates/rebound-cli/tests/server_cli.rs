@@ -188,6 +188,8 @@ fn server_init_run_and_client_commands() {
             "mt-x",
             "--datastore",
             "ds1",
+            "--retention-volume",
+            "/srv/retention",
         ],
         url,
         t,

@@ -58,6 +58,11 @@ fn writes_machine(input: &Input<'_>) -> bool {
     )
 }
 
+/// The machine a test failover of `item` creates on the master target's host.
+pub fn test_machine_name(item: &str) -> String {
+    format!("{item}-test")
+}
+
 /// Whether a component's last heartbeat is recent enough.
 pub fn heartbeat_fresh(c: &Component, now: SystemTime, limit: Duration) -> bool {
     let Some(last) = c.last_heartbeat.as_deref() else {
@@ -371,18 +376,22 @@ pub fn run(input: &Input<'_>) -> Vec<Failure> {
             }
         },
     }
-    // A new machine would be created on the host: its name must be free.
-    let creates_machine = input.location == Location::Alternate
-        || matches!(
-            input.action,
-            Action::EnableProtection | Action::TestFailover
-        );
-    if creates_machine && facts.machines.iter().any(|m| m == &item.name) {
+    // A new machine would be created on the host: its name must be free. A
+    // test failover creates `<name>-test` (the machine itself may be there,
+    // stopped, after a failback).
+    let new_name = match input.action {
+        Action::TestFailover => Some(test_machine_name(&item.name)),
+        Action::EnableProtection => Some(item.name.clone()),
+        _ => (input.location == Location::Alternate).then(|| item.name.clone()),
+    };
+    if let Some(name) = new_name
+        && facts.machines.contains(&name)
+    {
         out.push(Failure::new(
             ErrorCode::NameConflict,
             format!(
-                "a machine named {} already exists on host {}",
-                item.name, facts.host
+                "a machine named {name} already exists on host {}",
+                facts.host
             ),
         ));
     }

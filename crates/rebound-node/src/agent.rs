@@ -31,7 +31,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use tracing::{info, info_span, warn};
+use tracing::{debug, info, info_span, warn};
 
 /// The manifest's copy on the agent's data port.
 pub const MANIFEST_COPY: &str = "manifest.json";
@@ -56,6 +56,10 @@ pub struct AgentConfig {
 pub struct Hold {
     gate: RwLock<()>,
     stopped: AtomicBool,
+    /// The machine is suspended: writes wait (outside the gate) until it
+    /// resumes or stops. Set and cleared under the write side of the gate,
+    /// so no write is in flight once the flag is set.
+    suspended: AtomicBool,
 }
 
 /// A disk export whose writes pass through the machine's hold.
@@ -66,11 +70,18 @@ pub struct HeldDisk {
 
 impl HeldDisk {
     fn writing<T>(&self, f: impl FnOnce() -> Result<T, DeviceError>) -> Result<T, DeviceError> {
-        let _g = self.hold.gate.read().unwrap_or_else(|p| p.into_inner());
-        if self.hold.stopped.load(SeqCst) {
-            return Err(DeviceError::Shutdown);
+        loop {
+            let g = self.hold.gate.read().unwrap_or_else(|p| p.into_inner());
+            if self.hold.stopped.load(SeqCst) {
+                return Err(DeviceError::Shutdown);
+            }
+            if !self.hold.suspended.load(SeqCst) {
+                return f();
+            }
+            // Suspended: the write waits, without blocking the gate.
+            drop(g);
+            std::thread::sleep(Duration::from_millis(10));
         }
-        f()
     }
 }
 
@@ -127,6 +138,65 @@ struct Agent {
     workload: Option<Child>,
     nbd_stop: Option<tokio::sync::oneshot::Sender<()>>,
     stopped: bool,
+    /// The machine's freeze/thaw hooks, if it has any (`hooks.json`).
+    hooks: Option<AppHooks>,
+    last_app_point: Option<Instant>,
+    /// The outbox is over its bound: cycles wait, leaves stay marked.
+    backlogged: bool,
+}
+
+/// Application-consistency hooks of a machine (`MACHINE/hooks.json`): the
+/// agent runs `freeze` before a cycle's barrier and `thaw` after it, every
+/// `every_secs`; such a cycle closes an app-consistent point.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct AppHooks {
+    pub freeze: Vec<String>,
+    pub thaw: Vec<String>,
+    #[serde(default = "default_app_every")]
+    pub every_secs: u64,
+}
+
+fn default_app_every() -> u64 {
+    3600
+}
+
+/// Bound of the agent's outbox of changesets not yet shipped
+/// (`REBOUND_OUTBOX_LIMIT_MIB`, default 256 MiB). Past it the agent stops
+/// closing cycles and keeps its dirty bitmap instead: when the backlog
+/// drains, one cycle ships everything still marked — a delta, never a full
+/// copy.
+fn outbox_limit() -> u64 {
+    std::env::var("REBOUND_OUTBOX_LIMIT_MIB")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(256)
+        << 20
+}
+
+fn run_hook(argv: &[String], what: &str) -> anyhow::Result<()> {
+    let Some((cmd, args)) = argv.split_first() else {
+        return Ok(());
+    };
+    let mut child = Command::new(cmd)
+        .args(args)
+        .stdin(Stdio::null())
+        .spawn()
+        .with_context(|| format!("{what} hook {cmd}"))?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = child.try_wait()? {
+            if status.success() {
+                return Ok(());
+            }
+            bail!("{what} hook {cmd} exited with {status}");
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{what} hook {cmd} did not finish within 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 fn now_ns() -> u64 {
@@ -272,6 +342,11 @@ pub fn run(cfg: AgentConfig, shutdown: Arc<AtomicBool>) -> anyhow::Result<()> {
         workload: None,
         nbd_stop: Some(nbd_stop),
         stopped: false,
+        hooks: std::fs::read(machine.dir.join("hooks.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok()),
+        last_app_point: None,
+        backlogged: false,
         cfg,
     };
     agent.start_workload()?;
@@ -301,9 +376,23 @@ fn enrol_until(
     site: &str,
     shutdown: &AtomicBool,
 ) -> anyhow::Result<Identity> {
+    let mut name = name.to_string();
     loop {
-        match Identity::load_or_enrol(path, api, key, ComponentRole::Agent, name, site) {
+        match Identity::load_or_enrol(path, api, key, ComponentRole::Agent, &name, site) {
             Ok(id) => return Ok(id),
+            Err(e)
+                if matches!(
+                    e.downcast_ref::<crate::client::CallError>(),
+                    Some(crate::client::CallError::Api { status: 409, .. })
+                ) =>
+            {
+                // An earlier machine of this name on this site (deleted,
+                // then created again: alternate location, a new test
+                // failover) holds the name: enrol this one under its own.
+                let suffix = crate::machine::new_uuid();
+                name = format!("{}-{}", name, &suffix[..8.min(suffix.len())]);
+                warn!(error = %e, %name, "agent name taken; enrolling under a new one");
+            }
             Err(e) if !shutdown.load(SeqCst) => {
                 warn!(error = %e, "enrolment failed; retrying");
                 std::thread::sleep(Duration::from_secs(1));
@@ -431,7 +520,7 @@ impl Agent {
             agent: Some(AgentFacts {
                 machine: self.manifest.name.clone(),
                 running: !self.stopped,
-                suspended: false,
+                suspended: self.hold.suspended.load(SeqCst),
                 sync_barrier: self.sync_barrier.as_ref().map(|b| b.job.clone()),
             }),
             data_addr: Some(self.data_addr.clone()),
@@ -454,7 +543,8 @@ impl Agent {
             }
             self.refresh_item();
             let barrier_changed = self.track_sync_barrier();
-            if barrier_changed || last_hb.elapsed() >= self.cfg.heartbeat {
+            let suspension_changed = self.track_suspended();
+            if barrier_changed || suspension_changed || last_hb.elapsed() >= self.cfg.heartbeat {
                 self.heartbeat();
                 last_hb = Instant::now();
             }
@@ -475,6 +565,25 @@ impl Agent {
             std::thread::sleep(Duration::from_millis(200));
         }
         Ok(())
+    }
+
+    /// Follow the machine's `suspended` marker: hold writes while it exists.
+    /// Returns whether the state changed.
+    fn track_suspended(&mut self) -> bool {
+        let want = self.machine.is_suspended();
+        if want == self.hold.suspended.load(SeqCst) {
+            return false;
+        }
+        {
+            let _g = self.hold.gate.write().unwrap_or_else(|p| p.into_inner());
+            self.hold.suspended.store(want, SeqCst);
+        }
+        if want {
+            info!("machine suspended: writes held");
+        } else {
+            info!("machine resumed: writes released");
+        }
+        true
     }
 
     fn refresh_item(&mut self) {
@@ -612,23 +721,57 @@ impl Agent {
         let Some(item) = self.item.clone() else {
             return Ok(());
         };
+        let queued: u64 = changeset::queued(&outbox(&self.machine))?
+            .iter()
+            .filter_map(|(_, p)| std::fs::metadata(p).ok())
+            .map(|m| m.len())
+            .sum();
+        if queued > outbox_limit() {
+            if !self.backlogged {
+                warn!(
+                    queued,
+                    "outbox full: cycles wait, changed leaves stay marked"
+                );
+            }
+            self.backlogged = true;
+            return Ok(());
+        }
+        self.backlogged = false;
         let seq = self.next_seq;
         let path = outbox(&self.machine).join(changeset::file_name(seq));
+        // Quiesce the application first (its own flushes still go through),
+        // then hold writes for the barrier; thaw once writes are released.
+        let app_due = self.hooks.as_ref().is_some_and(|h| {
+            self.last_app_point
+                .is_none_or(|t| t.elapsed() >= Duration::from_secs(h.every_secs))
+        });
+        let mut closes = Closes::CrashConsistent;
+        let mut thaw = None;
+        if let (true, Some(h)) = (app_due, self.hooks.clone()) {
+            match run_hook(&h.freeze, "freeze") {
+                Ok(()) => {
+                    closes = Closes::AppConsistent;
+                    thaw = Some(h.thaw);
+                }
+                Err(e) => warn!(error = %e, "freeze failed: this point is crash-consistent only"),
+            }
+        }
         let header = Header {
             item: item.id.clone(),
             seq,
             barrier_ns: 0,
-            closes: Closes::CrashConsistent,
+            closes,
             disk_sizes: self.exports.iter().map(|e| e.size()).collect(),
         };
-        let disks: Vec<Disk> = self
-            .manifest
-            .disks
-            .iter()
-            .map(|d| Disk::open_read(&self.machine.disk_path(&d.name)))
-            .collect::<Result<_, _>>()?;
         let mut marked = Vec::new();
-        let (writer, barrier_ns) = {
+        // Whatever happens while frozen, thaw afterwards.
+        let captured = (|| -> anyhow::Result<(changeset::Writer, u64)> {
+            let disks: Vec<Disk> = self
+                .manifest
+                .disks
+                .iter()
+                .map(|d| Disk::open_read(&self.machine.disk_path(&d.name)))
+                .collect::<Result<_, _>>()?;
             // Every acknowledged write is in the disks; none is in flight.
             let _g = self.hold.gate.write().unwrap_or_else(|p| p.into_inner());
             let barrier_ns = now_ns();
@@ -655,8 +798,15 @@ impl Agent {
                 }
                 marked.push((i, m, runs));
             }
-            (w, barrier_ns)
-        };
+            Ok((w, barrier_ns))
+        })();
+        if let Some(t) = thaw {
+            if let Err(e) = run_hook(&t, "thaw") {
+                warn!(error = %e, "thaw failed");
+            }
+            self.last_app_point = Some(Instant::now());
+        }
+        let (writer, barrier_ns) = captured?;
         let bytes = writer.data_bytes;
         writer.finish()?;
         rebound_disk::crashsafe::write_file_durable(
@@ -687,9 +837,21 @@ impl Agent {
         let Some(ps) = item.process_server_id.clone() else {
             return Ok(());
         };
-        let Some(addr) = self.api.component(&ps)?.data_addr else {
+        let ps_component = self.api.component(&ps)?;
+        let Some(addr) = ps_component.data_addr else {
             bail!("process server {ps} has not reported its data port yet");
         };
+        if let Some(f) = &ps_component.process_server
+            && f.cache_limit_bytes > 0
+            && f.cache_used_bytes >= f.cache_limit_bytes
+        {
+            // Back-pressure: the changesets wait here, then the bitmap.
+            debug!(
+                used = f.cache_used_bytes,
+                "process server cache full; not pushing"
+            );
+            return Ok(());
+        }
         for (seq, path) in queued {
             let h = changeset::verify(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
             let name = format!("cache/{}/{}", h.item, changeset::file_name(seq));

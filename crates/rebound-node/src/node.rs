@@ -302,6 +302,9 @@ pub fn run(mut cfg: NodeConfig, shutdown: Arc<AtomicBool>) -> anyhow::Result<()>
 /// whose item now runs at the other site stays off.
 fn supervise(cfg: &NodeConfig, api: &Api, site_id: &str, host_dir: &std::path::Path) {
     for m in machine::list(host_dir) {
+        if let Err(e) = remove_if_replaced(api, site_id, &m) {
+            warn!(machine = %m.dir.display(), error = %e, "checking for a replaced machine failed");
+        }
         let want = m.dir.join("want-running");
         if !want.exists() || m.is_running() {
             continue;
@@ -312,6 +315,11 @@ fn supervise(cfg: &NodeConfig, api: &Api, site_id: &str, host_dir: &std::path::P
                 SiteRole::Primary => &item.primary_site_id,
                 SiteRole::Recovery => &item.recovery_site_id,
             };
+            if active != site_id && item.job_id.is_some() {
+                // A job (a failover) may be moving the machine here: it
+                // starts it itself; the item's site changes at its end.
+                continue;
+            }
             if active != site_id {
                 info!(machine = %man.name, "the item runs at the other site: the machine stays off");
                 let _ = crashsafe::remove_file_durable(&want);
@@ -323,6 +331,47 @@ fn supervise(cfg: &NodeConfig, api: &Api, site_id: &str, host_dir: &std::path::P
             warn!(machine = %man.name, error = %e, "starting the machine failed");
         }
     }
+}
+
+/// Commit of a failover or failback to an **alternate location** removes
+/// the machine it left behind at the other site (the reference's "commit
+/// deletes the recovery-site machine and disks"): a stopped machine here,
+/// whose item runs at the other site and whose last failover/failback went
+/// to an alternate location and was committed, is deleted.
+fn remove_if_replaced(api: &Api, site_id: &str, m: &Machine) -> anyhow::Result<()> {
+    if m.agent_pid().is_some() {
+        return Ok(());
+    }
+    let man = m.manifest()?;
+    let Ok(item) = api.item(&man.name) else {
+        return Ok(());
+    };
+    let active = match item.active_site {
+        SiteRole::Primary => &item.primary_site_id,
+        SiteRole::Recovery => &item.recovery_site_id,
+    };
+    if active == site_id
+        || item.state.phase != rebound_api::Phase::Committed
+        || item.job_id.is_some()
+    {
+        return Ok(());
+    }
+    // Newest first: the commit, then the failover/failback it committed.
+    let jobs: Vec<rebound_api::Job> = api.get(&format!("/jobs?item={}&limit=20", item.id))?;
+    let mut it = jobs
+        .iter()
+        .filter(|j| j.state == rebound_api::JobState::Succeeded);
+    let commit = it.next();
+    let moved = it.next();
+    let replaced = matches!(commit, Some(c) if c.action == rebound_api::Action::Commit)
+        && matches!(moved, Some(j)
+            if matches!(j.action, rebound_api::Action::Failover | rebound_api::Action::Failback)
+                && j.request.location == Some(rebound_api::Location::Alternate));
+    if replaced {
+        info!(machine = %man.name, "committed at an alternate location: removing the machine left here");
+        crashsafe::remove_dir_all_durable(&m.dir)?;
+    }
+    Ok(())
 }
 
 fn start_machine(cfg: &NodeConfig, m: &Machine) -> anyhow::Result<()> {

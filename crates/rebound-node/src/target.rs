@@ -535,22 +535,41 @@ impl TargetRole {
             .collect()
     }
 
+    /// Fail if the job ended or a cancel was asked: a step that outlived
+    /// its job must not change anything.
+    fn ensure_job_open(&self, job: &Job) -> Result<(), StepError> {
+        let j = self.api.job(&job.id)?;
+        if j.state.is_finished() || j.cancel_requested {
+            return Err(fail(
+                ErrorCode::JobCancelled,
+                format!("job {} is {}: the step stops", j.id, j.state),
+            ));
+        }
+        Ok(())
+    }
+
     /// Pull every disk of the item from `addr` into `dir`, reporting progress.
+    /// If the source goes away (its agent restarted, with a new data port),
+    /// resume from the persistent cursor for up to 30 s, re-reading the
+    /// agent's address from the configuration server.
+    #[allow(clippy::too_many_arguments)]
     fn pull_all(
         &self,
         w: &WorkItem,
         item: &Item,
+        job: &Job,
+        need_barrier: bool,
         addr: &str,
         dir: &Path,
         opts: &Options,
     ) -> Result<Vec<Report>, StepError> {
+        let mut addr = addr.to_string();
         crashsafe::create_dir_all_durable(dir)?;
         let disks = Self::disk_names(item);
         let total: u64 = disks.iter().map(|d| d.1).sum();
         let mut done_before = 0u64;
         let mut reports = Vec::new();
         for (name, size) in &disks {
-            let remote = remote_addr(addr, &format!("{name}.img"))?;
             let progress = Arc::new(Progress::default());
             let stop = Arc::new(AtomicBool::new(false));
             let reporter = {
@@ -577,17 +596,46 @@ impl TargetRole {
             };
             let mut o = opts.clone();
             o.state_dir = Some(dir.join(".resume"));
-            let r = rebound_delta::pull(
-                &remote,
-                &dir.join(format!("{name}.img")),
-                &self.token,
-                &o,
-                Some(progress),
-            );
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let r = loop {
+                let remote = match remote_addr(&addr, &format!("{name}.img")) {
+                    Ok(r) => r,
+                    Err(e) => break Err(e.into()),
+                };
+                match rebound_delta::pull(
+                    &remote,
+                    &dir.join(format!("{name}.img")),
+                    &self.token,
+                    &o,
+                    Some(progress.clone()),
+                ) {
+                    Err(
+                        e @ (rebound_delta::SyncError::Wire(_)
+                        | rebound_delta::SyncError::Remote {
+                            code: ErrorCode::ConnectFailed,
+                            ..
+                        }),
+                    ) if Instant::now() < deadline => {
+                        warn!(disk = %name, error = %e, "the source went away; resuming the sync");
+                        std::thread::sleep(Duration::from_secs(1));
+                        if let Err(e) = self.ensure_job_open(job) {
+                            break Err(e);
+                        }
+                        match self.source_agent(item, job, need_barrier) {
+                            Ok(a) => addr = a,
+                            Err(e) => break Err(e),
+                        }
+                    }
+                    other => {
+                        break other.map_err(|e| {
+                            fail(rebound_types::Coded::code(&e), format!("disk {name}: {e}"))
+                        });
+                    }
+                }
+            };
             stop.store(true, SeqCst);
             let _ = reporter.join();
-            let r =
-                r.map_err(|e| fail(rebound_types::Coded::code(&e), format!("disk {name}: {e}")))?;
+            let r = r?;
             done_before += size;
             reports.push(r);
         }
@@ -686,6 +734,13 @@ impl TargetRole {
             }
             "the machine's disks at this site"
         } else {
+            // Empty (sparse) disks: the count and the sync compare against
+            // zeros, so every non-zero leaf of the source is sent.
+            for (n, size) in &disks {
+                let d = rebound_disk::Disk::open_write(&dir.join(format!("{n}.img")), true)?;
+                d.set_len(*size)?;
+                d.sync_data()?;
+            }
             "nothing (full copy)"
         };
         crashsafe::write_file_durable(&dir.join(".seeded"), what.as_bytes())?;
@@ -746,6 +801,8 @@ impl TargetRole {
         let reports = self.pull_all(
             w,
             item,
+            job,
+            false,
             &addr,
             &dir,
             &Options {
@@ -757,7 +814,8 @@ impl TargetRole {
         let wire: u64 = reports.iter().map(|r| r.wire_bytes_received).sum();
         Ok((
             format!(
-                "{sent} differing bytes synced into the staging ({wire} bytes on the wire); roots verified"
+                "{sent} differing bytes synced into the staging ({wire} bytes on the wire){}; roots verified",
+                resumed_note(&reports)
             ),
             sent,
         ))
@@ -782,8 +840,10 @@ impl TargetRole {
             "nothing (initial sync)"
         };
         let manifest = self.pull_manifest(&addr, &dir);
-        let reports = self.pull_all(w, item, &addr, &dir, &Options::default())?;
+        let reports = self.pull_all(w, item, job, true, &addr, &dir, &Options::default())?;
         let sent: u64 = reports.iter().map(|r| r.bytes_differing).sum();
+        // A cancelled job leaves the destination as it was: no replica.
+        self.ensure_job_open(job)?;
         let datastore = self.datastore_for(item, Some(job))?;
         let volume = self.volume_for(item, Some(job))?;
         self.drop_replica(&item.id)?;
@@ -819,7 +879,8 @@ impl TargetRole {
         let _ = crashsafe::remove_dir_all_durable(&dir);
         Ok((
             format!(
-                "replica ready: {sent} differing bytes synced (seeded from {from}); journal on {}",
+                "replica ready: {sent} differing bytes synced (seeded from {from}){}; journal on {}",
+                resumed_note(&reports),
                 meta.volume.display()
             ),
             sent,
@@ -854,6 +915,43 @@ impl TargetRole {
         ))
     }
 
+    /// The journal point an action asks for (`PointChoice`): its id and
+    /// barrier time.
+    fn choose_point(
+        &self,
+        meta: &ReplicaMeta,
+        wanted: Option<&str>,
+    ) -> Result<(u64, u64), StepError> {
+        let wanted = wanted.map(str::to_string);
+        self.with_journal(meta, |j| {
+            let none = || anyhow!("the journal has no such recovery point");
+            let p = match wanted.as_deref().map(rebound_api::PointChoice::parse) {
+                None | Some(rebound_api::PointChoice::Latest) => {
+                    j.latest().cloned().ok_or_else(none)?
+                }
+                Some(rebound_api::PointChoice::LatestProcessed) => {
+                    j.latest_processed().cloned().ok_or_else(none)?
+                }
+                Some(rebound_api::PointChoice::LatestAppConsistent) => {
+                    j.latest_app_consistent().cloned().ok_or_else(none)?
+                }
+                Some(rebound_api::PointChoice::AtOrBefore(ns)) => {
+                    j.latest_at_or_before(ns).cloned().ok_or_else(none)?
+                }
+                Some(rebound_api::PointChoice::Id(id)) => {
+                    let n = id
+                        .rsplit_once('.')
+                        .filter(|(tag, _)| *tag == meta.tag)
+                        .and_then(|(_, n)| n.parse::<u64>().ok())
+                        .ok_or_else(|| anyhow!("point {id} is not in this replica's journal"))?;
+                    j.point(n)?.clone()
+                }
+            };
+            Ok((p.id, p.time_ns))
+        })
+        .map_err(|e| fail(ErrorCode::PointNotFound, format!("{e:#}")))
+    }
+
     fn materialise_point(&self, item: &Item, job: &Job) -> Result<(String, u64), StepError> {
         let meta = self.replica(&item.id).ok_or_else(|| {
             fail(
@@ -861,28 +959,7 @@ impl TargetRole {
                 format!("no replica of {} on this master target", item.name),
             )
         })?;
-        let wanted = job.request.point_id.clone();
-        let (point, barrier) = self
-            .with_journal(&meta, |j| {
-                let p = match &wanted {
-                    Some(id) => {
-                        let n = id
-                            .rsplit_once('.')
-                            .filter(|(tag, _)| *tag == meta.tag)
-                            .and_then(|(_, n)| n.parse::<u64>().ok())
-                            .ok_or_else(|| {
-                                anyhow!("point {id} is not in this replica's journal")
-                            })?;
-                        j.point(n)?.clone()
-                    }
-                    None => j
-                        .latest()
-                        .cloned()
-                        .ok_or_else(|| anyhow!("the journal has no recovery point yet"))?,
-                };
-                Ok((p.id, p.time_ns))
-            })
-            .map_err(|e| fail(ErrorCode::PointNotFound, format!("{e:#}")))?;
+        let (point, barrier) = self.choose_point(&meta, job.request.point_id.as_deref())?;
         let dir = self.staging(&item.id, &job.id);
         let _ = crashsafe::remove_dir_all_durable(&dir);
         crashsafe::create_dir_all_durable(&dir)?;
@@ -934,6 +1011,12 @@ impl TargetRole {
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok());
         let m = Machine::at(self.cfg.host_dir.join(&item.name));
+        // Off while its disks are switched: the node's supervisor must not
+        // restart it on the old disks meanwhile.
+        let want = m.dir.join("want-running");
+        if want.exists() {
+            crashsafe::remove_file_durable(&want)?;
+        }
         m.stop(Duration::from_secs(30))?;
         let mut manifest = match (m.manifest().ok(), staged_manifest.clone()) {
             (Some(existing), _) => existing,
@@ -974,7 +1057,10 @@ impl TargetRole {
             let _ = std::fs::remove_file(m.state_dir().join(format!("{}.dirty", d.name)));
         }
         m.save_manifest(&manifest)?;
-        crashsafe::write_file_durable(&m.dir.join("want-running"), b"1\n")?;
+        // A supervisor that raced the removal above may have started an
+        // agent on the old disks: end it before starting on the new ones.
+        m.stop(Duration::from_secs(30))?;
+        crashsafe::write_file_durable(&want, b"1\n")?;
         let pid = m.start(
             &self.cfg.rebound_exe,
             &self.cfg.server,
@@ -1038,23 +1124,7 @@ impl TargetRole {
         crashsafe::create_dir_all_durable(&m.dir.join("disks"))?;
         crashsafe::create_dir_all_durable(&m.state_dir())?;
         let targets: Vec<PathBuf> = meta.disks.iter().map(|(n, _)| m.disk_path(n)).collect();
-        let point = match job
-            .request
-            .point_id
-            .as_deref()
-            .and_then(|id| id.rsplit_once('.'))
-            .and_then(|(_, n)| n.parse().ok())
-        {
-            Some(p) => p,
-            None => self
-                .with_journal(&meta, |j| Ok(j.latest().map(|p| p.id)))?
-                .ok_or_else(|| {
-                    fail(
-                        ErrorCode::PointNotFound,
-                        "the journal has no recovery point yet",
-                    )
-                })?,
-        };
+        let (point, _) = self.choose_point(&meta, job.request.point_id.as_deref())?;
         self.with_journal(&meta, |j| {
             Ok(j.materialise(point, &Target::NewFiles(targets))?)
         })?;
@@ -1080,6 +1150,17 @@ impl TargetRole {
 }
 
 /// Copy a raw image, data extents only (holes stay holes).
+/// ", N of M chunks resumed from an interrupted sync" when a sync resumed.
+fn resumed_note(reports: &[Report]) -> String {
+    let resumed: u64 = reports.iter().map(|r| r.chunks_resumed).sum();
+    let chunks: u64 = reports.iter().map(|r| r.chunks).sum();
+    if resumed == 0 {
+        String::new()
+    } else {
+        format!(", {resumed} of {chunks} chunks resumed from an interrupted sync")
+    }
+}
+
 pub fn sparse_copy(from: &Path, to: &Path) -> anyhow::Result<()> {
     let src = rebound_disk::Disk::open_read(from)?;
     let size = src.size()?;

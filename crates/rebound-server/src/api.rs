@@ -918,7 +918,7 @@ pub async fn list_jobs(
     Extension(c): Extension<Caller>,
     Query(q): Query<JobQuery>,
 ) -> AppResult<Json<Vec<Job>>> {
-    c.require_reader()?;
+    c.require_reader_or_component()?;
     let norm = |t: &Option<String>| -> AppResult<Option<String>> {
         t.as_ref()
             .map(|s| {

@@ -13,7 +13,7 @@ use crate::AppState;
 use crate::error::{AppError, AppResult};
 use rebound_api::{
     Action, ActionRequest, ApiError, Executor, Failure, Item, ItemState, Job, JobState, JobStep,
-    Location, StepReport, StepState, SyncMode,
+    Location, PointChoice, StepReport, StepState, SyncMode,
 };
 use rebound_control::machine::{self, Decision, Effect, Request, Transition};
 use rebound_control::{prechecks, time};
@@ -253,6 +253,7 @@ async fn run_prechecks(
         ));
     }
     if let Some(p) = &req.point_id
+        && matches!(PointChoice::parse(p), PointChoice::Id(_))
         && store.point(&item.id, p).await?.is_none()
     {
         failures.push(Failure::new(

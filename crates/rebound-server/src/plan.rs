@@ -77,7 +77,7 @@ pub async fn submit(state: &AppState, plan_key: &str, mut req: ActionRequest) ->
                 updated_at: None,
                 error: None,
                 job_ids: Vec::new(),
-                    message: None,
+                message: None,
             })
             .collect();
         let job = Job {

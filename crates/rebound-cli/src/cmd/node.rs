@@ -124,6 +124,39 @@ pub enum MachineCommand {
         #[arg(long, default_value = "table")]
         output: String,
     },
+    /// Suspend a machine: its agent holds every write (the machine stays
+    /// up) and reports it suspended until `resume`.
+    Suspend(MachineRef),
+    /// Resume a suspended machine: held writes go on.
+    Resume(MachineRef),
+}
+
+#[derive(clap::Args)]
+pub struct MachineRef {
+    /// The host directory (a node's `host` directory).
+    #[arg(long)]
+    host: PathBuf,
+    #[arg(long)]
+    name: String,
+}
+
+fn set_suspended(r: &MachineRef, suspended: bool) -> anyhow::Result<ExitCode> {
+    let m = machine::list(&r.host)
+        .into_iter()
+        .find(|m| m.manifest().is_ok_and(|man| man.name == r.name))
+        .ok_or_else(|| {
+            Failure::new(
+                ErrorCode::NotFound,
+                format!("no machine {} in {}", r.name, r.host.display()),
+            )
+        })?;
+    m.set_suspended(suspended)?;
+    println!(
+        "machine {} {}",
+        r.name,
+        if suspended { "suspended" } else { "resumed" }
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 #[derive(clap::Args)]
@@ -160,6 +193,8 @@ pub fn parse_size(s: &str) -> Option<u64> {
 
 pub fn run_machine(c: MachineCommand) -> anyhow::Result<ExitCode> {
     match c {
+        MachineCommand::Suspend(r) => set_suspended(&r, true),
+        MachineCommand::Resume(r) => set_suspended(&r, false),
         MachineCommand::Create(a) => {
             let mut disks = Vec::new();
             for d in &a.disk {
@@ -201,17 +236,21 @@ pub fn run_machine(c: MachineCommand) -> anyhow::Result<ExitCode> {
                 let v: Vec<serde_json::Value> = ms
                     .iter()
                     .map(|(m, man)| {
-                        serde_json::json!({"name": man.name, "dir": m.dir, "running": m.is_running(), "disks": man.disks})
+                        serde_json::json!({"name": man.name, "dir": m.dir, "running": m.is_running(), "suspended": m.is_suspended(), "disks": man.disks})
                     })
                     .collect();
                 println!("{}", serde_json::to_string_pretty(&v).context("json")?);
             } else {
-                println!("{:<20} {:<8} {:>6}  DIR", "NAME", "RUNNING", "DISKS");
+                println!("{:<20} {:<9} {:>6}  DIR", "NAME", "RUNNING", "DISKS");
                 for (m, man) in &ms {
                     println!(
-                        "{:<20} {:<8} {:>6}  {}",
+                        "{:<20} {:<9} {:>6}  {}",
                         man.name,
-                        if m.is_running() { "yes" } else { "no" },
+                        match (m.is_running(), m.is_suspended()) {
+                            (true, true) => "suspended",
+                            (true, false) => "yes",
+                            (false, _) => "no",
+                        },
                         man.disks.len(),
                         m.dir.display()
                     );

@@ -1,0 +1,177 @@
+//! Replication with real processes: app-consistent points from a machine's
+//! freeze/thaw hooks, and outages of the process server and of the master
+//! target that stop nothing at the agent and lose no recovery point data.
+
+use rebound_api::{Action, ActionRequest, FailoverKind, PointKind};
+use rebound_node::machine::Machine;
+use rebound_testkit::lab::{Lab, LabConfig, wait_for};
+use std::time::Duration;
+
+fn lab(dir: &std::path::Path, env: Vec<(String, String)>) -> Lab {
+    Lab::start(LabConfig {
+        dir: dir.to_path_buf(),
+        exe: env!("CARGO_BIN_EXE_rebound").into(),
+        rpo_secs: 1,
+        node_args: Vec::new(),
+        env,
+    })
+    .expect("lab")
+}
+
+/// Fail over (unplanned) to the latest point and check the disks at the
+/// recovery site for crash consistency at that point.
+fn failover_and_verify(lab: &mut Lab, recovery_host: &std::path::Path) -> String {
+    let p = lab.wait_point("vm1", 0).expect("a point");
+    let job = lab
+        .action(
+            "vm1",
+            &ActionRequest {
+                kind: Some(FailoverKind::Unplanned),
+                point_id: Some(p.id.clone()),
+                ..ActionRequest::new(Action::Failover)
+            },
+        )
+        .expect("failover");
+    lab.wait_job(&job, false).expect("failover job");
+    let vm = Machine::at(recovery_host.join("vm1"));
+    lab.verify(&vm, p.barrier_ns).expect("verify at the point")
+}
+
+#[test]
+fn freeze_and_thaw_hooks_make_app_consistent_points() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut lab = lab(dir.path(), Vec::new());
+    let a = lab.start_node("primary").expect("primary");
+    let b = lab.start_node("recovery").expect("recovery");
+    let (vm, man) = lab
+        .create_machine(&a, "vm1", &[("disk0", 8 << 20)], false)
+        .expect("machine");
+    let trace = dir.path().join("hooks.trace");
+    let hook = |word: &str| {
+        vec![
+            "sh".to_string(),
+            "-c".to_string(),
+            format!("echo {word} >> {}", trace.display()),
+        ]
+    };
+    let hooks =
+        serde_json::json!({"freeze": hook("freeze"), "thaw": hook("thaw"), "every_secs": 2});
+    std::fs::write(vm.dir.join("hooks.json"), hooks.to_string()).expect("hooks");
+    std::fs::write(vm.dir.join("want-running"), "1\n").expect("run");
+    wait_for(Duration::from_secs(30), "vm1 to run", || {
+        Ok(vm.is_running().then_some(()))
+    })
+    .expect("running");
+    lab.start_workload("workload", &vm, 20, &[])
+        .expect("workload");
+    lab.add_item(&man, true).expect("item");
+    let job = lab
+        .action("vm1", &lab.protect_request(&a, &b))
+        .expect("protect");
+    lab.wait_job(&job, false).expect("protect job");
+    let app = wait_for(Duration::from_secs(60), "an app-consistent point", || {
+        Ok(lab
+            .admin
+            .points("vm1")?
+            .into_iter()
+            .find(|p| p.kind == PointKind::AppConsistent))
+    })
+    .expect("app-consistent point");
+    let text = std::fs::read_to_string(&trace).expect("trace");
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(
+        lines.windows(2).any(|w| w == ["freeze", "thaw"]),
+        "hooks ran: {lines:?}"
+    );
+    // Crash-consistent points keep coming between app-consistent ones.
+    wait_for(Duration::from_secs(30), "a crash-consistent point", || {
+        Ok(lab
+            .admin
+            .points("vm1")?
+            .into_iter()
+            .find(|p| p.kind == PointKind::CrashConsistent))
+    })
+    .expect("crash-consistent point");
+    let _ = app;
+    // The primary machine dies; fail over to "the latest app-consistent
+    // point", chosen by the master target from its journal.
+    std::fs::remove_file(vm.dir.join("want-running")).expect("want-running");
+    if let Some(pid) = vm.agent_pid().and_then(rustix::process::Pid::from_raw) {
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+    }
+    lab.stop_child("workload");
+    std::thread::sleep(Duration::from_secs(3));
+    let latest_app = lab
+        .admin
+        .points("vm1")
+        .expect("points")
+        .into_iter()
+        .filter(|p| p.kind == PointKind::AppConsistent)
+        .max_by_key(|p| p.barrier_ns)
+        .expect("an app-consistent point");
+    let job = lab
+        .action(
+            "vm1",
+            &ActionRequest {
+                kind: Some(FailoverKind::Unplanned),
+                point_id: Some("latest-app-consistent".into()),
+                ..ActionRequest::new(Action::Failover)
+            },
+        )
+        .expect("failover to the latest app-consistent point");
+    lab.wait_job(&job, false).expect("failover job");
+    let at_b = Machine::at(b.host_dir.join("vm1"));
+    lab.verify(&at_b, latest_app.barrier_ns).expect("verify");
+}
+
+#[test]
+fn master_target_and_process_server_outages_lose_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A tiny outbox bound: while the process server is down the agent stops
+    // closing cycles and keeps its dirty bitmap.
+    let mut lab = lab(
+        dir.path(),
+        vec![("REBOUND_OUTBOX_LIMIT_MIB".into(), "0".into())],
+    );
+    let a = lab.start_node("primary").expect("primary");
+    let b = lab.start_node("recovery").expect("recovery");
+    let (vm, man) = lab
+        .create_machine(&a, "vm1", &[("disk0", 8 << 20), ("disk1", 4 << 20)], true)
+        .expect("machine");
+    lab.start_workload("workload", &vm, 30, &[])
+        .expect("workload");
+    lab.add_item(&man, true).expect("item");
+    let job = lab
+        .action("vm1", &lab.protect_request(&a, &b))
+        .expect("protect");
+    lab.wait_job(&job, false).expect("protect job");
+    let first = lab.wait_point("vm1", 0).expect("first point");
+
+    // Master target down: changesets wait in the process server's cache.
+    lab.kill_child("node-recovery");
+    std::thread::sleep(Duration::from_secs(4));
+    let cache = a.host_dir.parent().expect("data dir").join("data/cache");
+    let cached = std::fs::read_dir(&cache)
+        .map(|rd| rd.flatten().count())
+        .unwrap_or(0);
+    assert!(cached > 0, "nothing cached at the process server");
+    let b = lab.start_node("recovery").expect("recovery again");
+    let after_mt = lab
+        .wait_point("vm1", first.barrier_ns.unwrap_or(0))
+        .expect("points resume after the master target outage");
+
+    // Process server (the primary node) down: the agent keeps serving its
+    // machine; points resume once it is back.
+    lab.kill_child("node-primary");
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(vm.is_running(), "the machine must keep running");
+    lab.start_node("primary").expect("primary again");
+    let after_ps = lab
+        .wait_point("vm1", after_mt.barrier_ns.unwrap_or(0) + 3_000_000_000)
+        .expect("points resume after the process server outage");
+    assert!(after_ps.barrier_ns > after_mt.barrier_ns);
+
+    lab.stop_child("workload");
+    let checked = failover_and_verify(&mut lab, &b.host_dir);
+    assert!(checked.contains("OK"), "{checked}");
+}
