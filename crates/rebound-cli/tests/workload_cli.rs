@@ -271,9 +271,11 @@ fn point_time_catches_a_write_issued_after_the_point() {
     let issued: Vec<&serde_json::Value> = recs.iter().filter(|r| r["type"] == "issued").collect();
     assert!(issued.len() > 20, "only {} writes", issued.len());
     // The last write issued is visible (nothing later touched its blocks).
+    // Last by issue time, not by id: two writers may take ids and
+    // timestamps in different orders.
     let last = issued
         .iter()
-        .max_by_key(|r| r["id"].as_u64().unwrap())
+        .max_by_key(|r| r["t_issued"].as_u64().unwrap())
         .unwrap();
     let t = last["t_issued"].as_u64().unwrap() - 1;
     let out = s.verify(&["--point-time", &t.to_string()]);
