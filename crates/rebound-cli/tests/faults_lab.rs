@@ -315,11 +315,14 @@ fn recovery_node_killed_during_initial_sync_resumes() {
             .find(|s| s.name == "initial_sync")
             .and_then(|s| s.message.clone())
             .unwrap_or_default();
-        // The restarted master target ran the step again by delta sync into
-        // the same staging. (Its persistent cursor is not reused here: the
-        // source disk is live, and a source whose mtime changed is compared
-        // again, which is always safe; the message says when it resumed.)
+        // The restarted master target resumed the pull from its persistent
+        // cursor (the agent serves live disks whose writes it tracks since
+        // its barrier, so a changed source does not restart the sync).
         eprintln!("initial_sync: {msg}");
+        ensure!(
+            msg.contains("resumed from an interrupted sync"),
+            "the initial sync started over: {msg}"
+        );
         std::thread::sleep(Duration::from_secs(2));
         let (_, barrier) = disaster_failover(lab, &vm_a, now_ns() - 1_000_000_000)?;
         let vm_b = Machine::at(b2.host_dir.join("vm1"));

@@ -362,6 +362,13 @@ pub struct ServeOptions {
     /// Create missing directories under the root for a pushed disk (a
     /// node's cache and incoming queues have one directory per item).
     pub create_dirs: bool,
+    /// The served disks are live (a running machine's, written while
+    /// served) and their writes are tracked elsewhere (the agent's dirty
+    /// bitmap, from a barrier taken before the sync): an interrupted pull
+    /// resumes even though the source changed since, instead of starting
+    /// over. Chunks sent before the interruption and written since stay
+    /// marked and are shipped by replication.
+    pub live_sources: bool,
 }
 
 /// [`serve`] with [`ServeOptions`].
@@ -451,7 +458,7 @@ pub fn serve_connection(
             {
                 let _ = rebound_disk::crashsafe::create_dir_all_durable(parent);
             }
-            run_open(&mut c, root, &open, &hs.session_key)
+            run_open(&mut c, root, &open, &hs.session_key, opts.live_sources)
         }
         None => Err(SyncError::Remote {
             code: rebound_types::ErrorCode::ExportBusy,
@@ -529,7 +536,13 @@ fn server_state(
     })
 }
 
-fn run_open(c: &mut Conn, root: &Path, open: &Open, key: &[u8; 32]) -> Result<(), SyncError> {
+fn run_open(
+    c: &mut Conn,
+    root: &Path,
+    open: &Open,
+    key: &[u8; 32],
+    live: bool,
+) -> Result<(), SyncError> {
     let path = resolve_name(root, &open.name)?;
     let opts = Options {
         full: open.full,
@@ -574,7 +587,9 @@ fn run_open(c: &mut Conn, root: &Path, open: &Open, key: &[u8; 32]) -> Result<()
             })?);
             let size = disk.size()?;
             let (st, start) = match opts.dry_run {
-                false => server_state(root, "source", open, &disk, size, true)?,
+                // A live source always has a new mtime: do not let it
+                // discard the resume state (see `ServeOptions::live_sources`).
+                false => server_state(root, "source", open, &disk, size, !live)?,
                 true => (None, 0),
             };
             let session = st.as_ref().map(|s| s.session).unwrap_or_default();

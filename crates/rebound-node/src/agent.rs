@@ -304,6 +304,7 @@ pub fn run(cfg: AgentConfig, shutdown: Arc<AtomicBool>) -> anyhow::Result<()> {
                 rebound_delta::ServeOptions {
                     read_only: true,
                     create_dirs: false,
+                    live_sources: true,
                 },
             )
         });

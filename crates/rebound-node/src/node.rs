@@ -130,6 +130,7 @@ pub fn run(mut cfg: NodeConfig, shutdown: Arc<AtomicBool>) -> anyhow::Result<()>
                 rebound_delta::ServeOptions {
                     read_only: false,
                     create_dirs: true,
+                    live_sources: false,
                 },
             )
         });

@@ -1149,7 +1149,6 @@ impl TargetRole {
     }
 }
 
-/// Copy a raw image, data extents only (holes stay holes).
 /// ", N of M chunks resumed from an interrupted sync" when a sync resumed.
 fn resumed_note(reports: &[Report]) -> String {
     let resumed: u64 = reports.iter().map(|r| r.chunks_resumed).sum();
@@ -1161,6 +1160,7 @@ fn resumed_note(reports: &[Report]) -> String {
     }
 }
 
+/// Copy a raw image, data extents only (holes stay holes).
 pub fn sparse_copy(from: &Path, to: &Path) -> anyhow::Result<()> {
     let src = rebound_disk::Disk::open_read(from)?;
     let size = src.size()?;
