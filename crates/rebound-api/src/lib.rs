@@ -412,6 +412,10 @@ pub struct AgentFacts {
     /// starts a sync only once its job is named here.
     #[serde(default)]
     pub sync_barrier: Option<String>,
+    /// When the agent took that barrier (ns since the UNIX epoch, the
+    /// agent's clock): changesets closed after it are newer than the sync.
+    #[serde(default)]
+    pub sync_barrier_ns: Option<u64>,
 }
 
 /// A heartbeat with the facts of the sending component's role.
@@ -743,9 +747,26 @@ pub struct PlanStep {
     /// For `group` steps: the items (ids or names) failed over together.
     #[serde(default)]
     pub items: Vec<String>,
-    /// For `script` steps: the command to run; for `manual` steps: the instruction.
+    /// For `script` steps: the command line, run with `/bin/sh -c` **on the
+    /// configuration server host** (as the server's user, stdin closed, with
+    /// `REBOUND_PLAN_ID`, `REBOUND_PLAN_NAME`, `REBOUND_ACTION` and
+    /// `REBOUND_JOB_ID` in its environment); exit status 0 lets the plan go
+    /// on, anything else fails the plan job with `plan-script-failed` (4032).
+    /// The last 4 KiB of its output become the step's `message`. For
+    /// `manual` steps: the instruction the operator follows before `continue`.
     #[serde(default)]
     pub text: Option<String>,
+    /// For `script` steps: seconds the command may run before it is killed
+    /// and the step fails (default 300, at most 86400).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_secs: Option<u64>,
+}
+
+impl PlanStep {
+    /// A script step's timeout when none is given.
+    pub const DEFAULT_SCRIPT_TIMEOUT_SECS: u64 = 300;
+    /// The longest timeout a script step may have.
+    pub const MAX_SCRIPT_TIMEOUT_SECS: u64 = 86_400;
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]

@@ -118,6 +118,8 @@ impl BlockDevice for HeldDisk {
 struct SyncBarrier {
     job: String,
     markers: Vec<u64>,
+    #[serde(default)]
+    at_ns: u64,
 }
 
 struct Agent {
@@ -523,6 +525,7 @@ impl Agent {
                 running: !self.stopped,
                 suspended: self.hold.suspended.load(SeqCst),
                 sync_barrier: self.sync_barrier.as_ref().map(|b| b.job.clone()),
+                sync_barrier_ns: self.sync_barrier.as_ref().map(|b| b.at_ns),
             }),
             data_addr: Some(self.data_addr.clone()),
             ..Default::default()
@@ -645,6 +648,7 @@ impl Agent {
                 let b = SyncBarrier {
                     job: job.clone(),
                     markers,
+                    at_ns: now_ns(),
                 };
                 if self.save_barrier(Some(&b)).is_err() {
                     return false;

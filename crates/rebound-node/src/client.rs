@@ -22,11 +22,17 @@ pub enum CallError {
 impl std::fmt::Display for CallError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            CallError::Api { status, error } => write!(
-                f,
-                "configuration server: HTTP {status} E{} {}",
-                error.code, error.message
-            ),
+            CallError::Api { status, error } => {
+                write!(
+                    f,
+                    "configuration server: HTTP {status} E{} {}",
+                    error.code, error.message
+                )?;
+                for x in &error.failures {
+                    write!(f, "; E{} {}", x.code, x.message)?;
+                }
+                Ok(())
+            }
             CallError::Transport(m) => write!(f, "configuration server unreachable: {m}"),
         }
     }

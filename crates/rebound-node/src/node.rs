@@ -203,7 +203,7 @@ pub fn run(mut cfg: NodeConfig, shutdown: Arc<AtomicBool>) -> anyhow::Result<()>
         threads.push(std::thread::spawn(move || t2.work_loop(s2)));
     }
 
-    let probe: Box<dyn FsProbe> = if cfg.fs_type_overrides.is_empty() {
+    let probe: Box<dyn FsProbe + Send + Sync> = if cfg.fs_type_overrides.is_empty() {
         Box::new(RealFs)
     } else {
         let mut o = OverrideFs::new(RealFs);
@@ -222,59 +222,26 @@ pub fn run(mut cfg: NodeConfig, shutdown: Arc<AtomicBool>) -> anyhow::Result<()>
         retention_volumes: cfg.retention_volumes.clone(),
         pid: std::process::id(),
     };
+    let reporter = Arc::new(Reporter {
+        api: api.clone(),
+        ps: ps.clone(),
+        mt: mt.clone(),
+        host_dir: host_dir.clone(),
+        data_root: data_root.clone(),
+        data_addr: data_addr.clone(),
+        cfg: cfg.clone(),
+        stats: stats.clone(),
+        probe,
+    });
+    if let Some(t) = &target {
+        // Facts change with the steps (machines created or removed): report
+        // them before the step's result, so the next precheck sees them.
+        let r = reporter.clone();
+        t.set_facts_hook(Arc::new(move || r.send()));
+    }
     let heartbeat = |last: &mut Instant| {
         *last = Instant::now();
-        let machines = machine::list(&host_dir);
-        if let Some(id) = &ps {
-            let hb = Heartbeat {
-                version: env!("CARGO_PKG_VERSION").into(),
-                process_server: Some(process::facts(&data_root, cfg.cache_limit, &stats)),
-                data_addr: Some(data_addr.clone()),
-                ..Default::default()
-            };
-            if let Err(e) = api
-                .with_token(id.token.clone())
-                .heartbeat(&id.component_id, &hb)
-            {
-                warn!(error = %e, "process server heartbeat failed");
-            }
-        }
-        if let Some(id) = &mt {
-            let summaries: Vec<MachineSummary> = machines
-                .iter()
-                .filter_map(|m| {
-                    let man = m.manifest().ok()?;
-                    Some(MachineSummary {
-                        name: man.name,
-                        disks: man.disks.len() as u32,
-                        disk_uuids: man.disks.iter().map(|d| d.uuid.clone()).collect(),
-                        running: m.is_running(),
-                        snapshots: false,
-                    })
-                })
-                .collect();
-            let inputs = MasterTargetInputs {
-                os: facts::os_type(),
-                host: host_dir.display().to_string(),
-                host_dir: host_dir.clone(),
-                datastores: cfg.datastores.clone(),
-                retention_volumes: cfg.retention_volumes.clone(),
-                system_dirs: vec![data_root.clone(), cfg.data_dir.join("cache")],
-                disk_slot_limit: cfg.disk_slot_limit,
-            };
-            let hb = Heartbeat {
-                version: env!("CARGO_PKG_VERSION").into(),
-                master_target: Some(facts::master_target_facts(&*probe, &inputs, &summaries)),
-                data_addr: Some(data_addr.clone()),
-                ..Default::default()
-            };
-            if let Err(e) = api
-                .with_token(id.token.clone())
-                .heartbeat(&id.component_id, &hb)
-            {
-                warn!(error = %e, "master target heartbeat failed");
-            }
-        }
+        reporter.send();
     };
     let mut last = Instant::now();
     heartbeat(&mut last);
@@ -297,6 +264,85 @@ pub fn run(mut cfg: NodeConfig, shutdown: Arc<AtomicBool>) -> anyhow::Result<()>
     let _ = std::fs::remove_file(cfg.data_dir.join("node.json"));
     info!("node stopped");
     Ok(())
+}
+
+/// Sends the heartbeats of the node's roles with their current facts.
+struct Reporter {
+    api: Api,
+    ps: Option<Identity>,
+    mt: Option<Identity>,
+    host_dir: PathBuf,
+    data_root: PathBuf,
+    data_addr: String,
+    cfg: NodeConfig,
+    stats: Arc<Stats>,
+    probe: Box<dyn FsProbe + Send + Sync>,
+}
+
+impl Reporter {
+    fn send(&self) {
+        let machines = machine::list(&self.host_dir);
+        if let Some(id) = &self.ps {
+            let hb = Heartbeat {
+                version: env!("CARGO_PKG_VERSION").into(),
+                process_server: Some(process::facts(
+                    &self.data_root,
+                    self.cfg.cache_limit,
+                    &self.stats,
+                )),
+                data_addr: Some(self.data_addr.clone()),
+                ..Default::default()
+            };
+            if let Err(e) = self
+                .api
+                .with_token(id.token.clone())
+                .heartbeat(&id.component_id, &hb)
+            {
+                warn!(error = %e, "process server heartbeat failed");
+            }
+        }
+        if let Some(id) = &self.mt {
+            let summaries: Vec<MachineSummary> = machines
+                .iter()
+                .filter_map(|m| {
+                    let man = m.manifest().ok()?;
+                    Some(MachineSummary {
+                        name: man.name,
+                        disks: man.disks.len() as u32,
+                        disk_uuids: man.disks.iter().map(|d| d.uuid.clone()).collect(),
+                        running: m.is_running(),
+                        snapshots: false,
+                    })
+                })
+                .collect();
+            let inputs = MasterTargetInputs {
+                os: facts::os_type(),
+                host: self.host_dir.display().to_string(),
+                host_dir: self.host_dir.clone(),
+                datastores: self.cfg.datastores.clone(),
+                retention_volumes: self.cfg.retention_volumes.clone(),
+                system_dirs: vec![self.data_root.clone(), self.cfg.data_dir.join("cache")],
+                disk_slot_limit: self.cfg.disk_slot_limit,
+            };
+            let hb = Heartbeat {
+                version: env!("CARGO_PKG_VERSION").into(),
+                master_target: Some(facts::master_target_facts(
+                    &*self.probe,
+                    &inputs,
+                    &summaries,
+                )),
+                data_addr: Some(self.data_addr.clone()),
+                ..Default::default()
+            };
+            if let Err(e) = self
+                .api
+                .with_token(id.token.clone())
+                .heartbeat(&id.component_id, &hb)
+            {
+                warn!(error = %e, "master target heartbeat failed");
+            }
+        }
+    }
 }
 
 /// Start the agents of machines that should run here and do not; a machine

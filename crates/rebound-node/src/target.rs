@@ -69,7 +69,14 @@ pub struct TargetRole {
     token: rebound_wire::Token,
     journals: Mutex<HashMap<String, Journal>>,
     running: Mutex<HashSet<(String, u32)>>,
+    facts_hook: std::sync::OnceLock<FactsHook>,
 }
+
+/// Sends the node's heartbeat with fresh facts.
+pub type FactsHook = Arc<dyn Fn() + Send + Sync>;
+
+/// How often the master target folds journals past their retention window.
+const FOLD_EVERY: Duration = Duration::from_secs(30);
 
 fn now_ns() -> u64 {
     SystemTime::now()
@@ -142,7 +149,13 @@ impl TargetRole {
             token,
             journals: Mutex::new(HashMap::new()),
             running: Mutex::new(HashSet::new()),
+            facts_hook: std::sync::OnceLock::new(),
         })
+    }
+
+    /// How to report fresh facts after a step changed them.
+    pub fn set_facts_hook(&self, hook: FactsHook) {
+        let _ = self.facts_hook.set(hook);
     }
 
     fn replicas_dir(&self) -> PathBuf {
@@ -225,9 +238,15 @@ impl TargetRole {
 
     // ------------------------------------------------------------ applier
 
-    /// Append arriving changesets to their journals, in order.
+    /// Append arriving changesets to their journals, in order; fold what
+    /// left the retention window into the base now and then.
     pub fn apply_loop(self: &Arc<Self>, stop: Arc<AtomicBool>) {
+        let mut last_fold = Instant::now();
         while !stop.load(SeqCst) {
+            if last_fold.elapsed() >= FOLD_EVERY {
+                last_fold = Instant::now();
+                self.fold_all();
+            }
             let items: Vec<String> = std::fs::read_dir(self.cfg.data_root.join("incoming"))
                 .map(|rd| {
                     rd.flatten()
@@ -241,6 +260,46 @@ impl TargetRole {
                 }
             }
             std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Retention: fold changesets older than the item's policy window into
+    /// the base, only while the item is plainly protected (a failover keeps
+    /// its window until commit; the journal never folds past a pin).
+    fn fold_all(&self) {
+        let Ok(rd) = std::fs::read_dir(self.replicas_dir()) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let Some(id) = e
+                .file_name()
+                .to_str()
+                .and_then(|n| n.strip_suffix(".json"))
+                .map(String::from)
+            else {
+                continue;
+            };
+            let Some(meta) = self.replica(&id) else {
+                continue;
+            };
+            let window = match self.api.item(&id) {
+                Ok(item) if item.state.phase == Phase::Protected => item
+                    .policy_id
+                    .and_then(|p| {
+                        self.api
+                            .get::<rebound_api::Policy>(&format!("/policies/{p}"))
+                            .ok()
+                    })
+                    .map(|p| p.retention_secs),
+                _ => None,
+            };
+            let Some(secs) = window else { continue };
+            match self.with_journal(&meta, |j| {
+                Ok(j.fold(now_ns(), secs.saturating_mul(1_000_000_000))?)
+            }) {
+                Ok(r) => tracing::debug!(item = %id, report = ?r, "retention fold"),
+                Err(e) => warn!(item = %id, error = %e, "retention fold failed"),
+            }
         }
     }
 
@@ -442,6 +501,9 @@ impl TargetRole {
         let _g = span.enter();
         info!("step started");
         let res = self.step(w);
+        if let Some(hook) = self.facts_hook.get() {
+            hook();
+        }
         match res {
             Ok((msg, total)) => {
                 info!(%msg, "step done");
@@ -503,6 +565,18 @@ impl TargetRole {
         job: &Job,
         need_barrier: bool,
     ) -> Result<String, StepError> {
+        self.source_agent_barrier(item, job, need_barrier)
+            .map(|(addr, _)| addr)
+    }
+
+    /// [`Self::source_agent`] and, with a barrier, when the agent took it
+    /// (its own clock).
+    fn source_agent_barrier(
+        &self,
+        item: &Item,
+        job: &Job,
+        need_barrier: bool,
+    ) -> Result<(String, Option<u64>), StepError> {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let fresh = self.api.item(&item.id)?;
@@ -512,7 +586,8 @@ impl TargetRole {
                     || agent.agent.as_ref().and_then(|a| a.sync_barrier.as_deref())
                         == Some(job.id.as_str());
                 if let (Some(addr), true) = (agent.data_addr.clone(), barrier_ok) {
-                    return Ok(addr);
+                    let at = agent.agent.as_ref().and_then(|a| a.sync_barrier_ns);
+                    return Ok((addr, at));
                 }
             }
             if Instant::now() > deadline {
@@ -830,8 +905,10 @@ impl TargetRole {
         job: &Job,
         seeded: bool,
     ) -> Result<(String, u64), StepError> {
-        let addr = self.source_agent(item, job, true)?;
-        let after = now_ns();
+        let (addr, barrier_ns) = self.source_agent_barrier(item, job, true)?;
+        // Changesets closed before the agent's barrier are in the synced
+        // base already; compare on the agent's clock, not ours.
+        let after = barrier_ns.unwrap_or_else(now_ns);
         let dir = self.staging(&item.id, &job.id);
         let from = if seeded {
             self.seed(item, job, &dir)?

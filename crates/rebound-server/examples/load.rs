@@ -101,6 +101,7 @@ async fn main() -> anyhow::Result<()> {
                         running: true,
                         suspended: false,
                         sync_barrier: None,
+                        sync_barrier_ns: None,
                     }),
                     ..Default::default()
                 };

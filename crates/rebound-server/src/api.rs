@@ -318,7 +318,7 @@ pub async fn get_policy(
     Extension(c): Extension<Caller>,
     Path(id): Path<String>,
 ) -> AppResult<Json<Policy>> {
-    c.require_reader()?;
+    c.require_reader_or_component()?;
     Ok(Json(
         state
             .store
@@ -853,6 +853,7 @@ pub async fn create_plan(
                     kind: s.kind,
                     items: ids,
                     text: None,
+                    timeout_secs: None,
                 });
             }
             PlanStepKind::Script | PlanStepKind::Manual => {
@@ -860,10 +861,26 @@ pub async fn create_plan(
                     .text
                     .filter(|t| !t.trim().is_empty())
                     .ok_or_else(|| bad(format!("a {} step needs its text", s.kind)))?;
+                let timeout_secs = match (s.kind, s.timeout_secs) {
+                    (_, None) => None,
+                    (PlanStepKind::Script, Some(t))
+                        if (1..=PlanStep::MAX_SCRIPT_TIMEOUT_SECS).contains(&t) =>
+                    {
+                        Some(t)
+                    }
+                    (PlanStepKind::Script, Some(_)) => {
+                        return Err(bad(format!(
+                            "a script step's timeout_secs is 1 to {}",
+                            PlanStep::MAX_SCRIPT_TIMEOUT_SECS
+                        )));
+                    }
+                    (_, Some(_)) => return Err(bad("only script steps have a timeout_secs")),
+                };
                 steps.push(PlanStep {
                     kind: s.kind,
                     items: Vec::new(),
                     text: Some(text),
+                    timeout_secs,
                 });
             }
         }

@@ -677,18 +677,23 @@ pub async fn recover(state: &AppState) -> AppResult<()> {
     for mut job in jobs {
         let mut changed = false;
         if job.item_id.is_none() {
-            // A plan's group step interrupted while starting its item jobs.
+            // A plan's group step interrupted while starting its item jobs,
+            // or a script step whose script died with the server: it is
+            // failed, never run again behind the operator's back.
             for s in &mut job.steps {
                 if s.executor == Executor::Server
                     && s.state == StepState::Running
                     && s.job_ids.is_empty()
                 {
+                    let why = if crate::plan::is_script_step(s) {
+                        "the server restarted while this script ran; it is not run again \
+                         by itself: check what it did, then run the plan action again"
+                    } else {
+                        "the server restarted while this step started its item jobs"
+                    };
                     s.state = StepState::Failed;
                     s.ended_at = Some(now.clone());
-                    s.error = Some(Failure::new(
-                        ErrorCode::JobInterrupted,
-                        "the server restarted while this step started its item jobs",
-                    ));
+                    s.error = Some(Failure::new(ErrorCode::JobInterrupted, why));
                     changed = true;
                 }
             }

@@ -9,6 +9,7 @@ pub mod auth;
 pub mod engine;
 pub mod error;
 pub mod plan;
+pub mod script;
 
 use axum::Router;
 use axum::body::Body;
@@ -54,6 +55,8 @@ pub struct AppState {
     pub store: Arc<Store>,
     pub config: Arc<Config>,
     pub wake: Arc<Notify>,
+    /// Plan script steps running now, to kill them on cancel.
+    pub scripts: script::Running,
 }
 
 #[derive(OpenApi)]
@@ -293,6 +296,7 @@ pub async fn serve(
         store: Arc::new(store),
         config: Arc::new(config),
         wake: Arc::new(Notify::new()),
+        scripts: script::Running::default(),
     };
     if let Err(e) = engine::recover(&state).await {
         tracing::error!(code = e.0.code, message = %e.0.message, "resuming jobs after restart failed");
@@ -302,11 +306,16 @@ pub async fn serve(
         .with_graceful_shutdown(shutdown)
         .await;
     engine.abort();
+    // A script must not outlive its server unnoticed: kill it; the next
+    // start fails its step (it is never run again by itself).
+    state.scripts.kill_all();
     state.store.close().await;
     result
 }
 
-/// A consistent copy of a running server's SQLite database.
+/// A consistent copy of a running server's database (SQLite or PostgreSQL),
+/// written as a SQLite file that [`restore`] and [`restore_into_database`]
+/// load.
 pub async fn backup(store: &Store, dest: &Path) -> Result<(), AppError> {
     if dest.exists() {
         return Err(AppError::new(
@@ -315,9 +324,35 @@ pub async fn backup(store: &Store, dest: &Path) -> Result<(), AppError> {
         ));
     }
     store.backup_to(dest).await.map_err(|e| match e {
-        StoreError::Db(e) => AppError::new(ErrorCode::BackupFailed, format!("backup failed: {e}")),
+        StoreError::Db(_) | StoreError::Migrate(_) | StoreError::Corrupt(_) => {
+            AppError::new(ErrorCode::BackupFailed, format!("backup failed: {e}"))
+        }
         other => AppError::from(other),
     })
+}
+
+/// Restore a backup into an empty PostgreSQL (or SQLite) database at `url`
+/// (server stopped): the migrations are applied, then every row of the
+/// backup is loaded in one transaction. Refuses a database that already
+/// holds a configuration server, or any data.
+pub async fn restore_into_database(backup_file: &Path, url: &str) -> Result<Store, AppError> {
+    let failed = |msg: String| AppError::new(ErrorCode::BackupFailed, msg);
+    if !backup_file.is_file() {
+        return Err(failed(format!("{} is not a file", backup_file.display())));
+    }
+    let store = Store::open(url).await?;
+    if let Err(e) = store.restore_from(backup_file).await {
+        store.close().await;
+        return Err(failed(format!("restoring {}: {e}", backup_file.display())));
+    }
+    if store.meta("initialised_at").await?.is_none() {
+        store.close().await;
+        return Err(failed(format!(
+            "{} is not a configuration server backup",
+            backup_file.display()
+        )));
+    }
+    Ok(store)
 }
 
 /// Restore a backup into an empty data directory (server stopped), and check

@@ -1,13 +1,15 @@
 //! Jobs of a recovery plan: one step per plan step, in order. A group step
 //! starts the action on every item of the group (item jobs carrying the
 //! plan's id) and is done when they all succeeded; it waits for the operator
-//! when they all wait (complete failover), and fails when one fails. Manual
-//! and script steps wait for the operator, who does what they say and
-//! continues the job (the server does not run scripts itself).
+//! when they all wait (complete failover), and fails when one fails. A
+//! script step runs its command on the configuration server host
+//! ([`crate::script`]) and fails the plan when it fails. Manual steps wait
+//! for the operator, who does what they say and continues the job.
 
 use crate::AppState;
 use crate::engine::{self, load_job};
 use crate::error::{AppError, AppResult};
+use crate::script;
 use rebound_api::{
     Action, ActionRequest, ApiError, Executor, Failure, Job, JobState, JobStep, PlanStepKind,
     StepState,
@@ -64,8 +66,8 @@ pub async fn submit(state: &AppState, plan_key: &str, mut req: ActionRequest) ->
                     k => format!("{k}: {}", s.text.as_deref().unwrap_or_default()),
                 },
                 executor: match s.kind {
-                    PlanStepKind::Group => Executor::Server,
-                    _ => Executor::Operator,
+                    PlanStepKind::Group | PlanStepKind::Script => Executor::Server,
+                    PlanStepKind::Manual => Executor::Operator,
                 },
                 component_id: None,
                 state: StepState::Pending,
@@ -107,6 +109,12 @@ enum Next {
     Stop,
     Again,
     Start(usize, Vec<String>),
+    Script(script::Spec),
+}
+
+/// Whether a plan job's step is a script step (its name is `script: CMD`).
+pub(crate) fn is_script_step(step: &JobStep) -> bool {
+    step.executor == Executor::Server && step.name.starts_with("script: ")
 }
 
 fn failure_of(e: &ApiError) -> Failure {
@@ -127,6 +135,10 @@ pub async fn advance(state: &AppState, job_id: &str) -> AppResult<()> {
         match next {
             Next::Stop => return Ok(()),
             Next::Again => continue,
+            Next::Script(spec) => {
+                script::spawn(state, spec);
+                return Ok(());
+            }
             Next::Start(i, items) => {
                 let job = load_job(state, job_id).await?;
                 let mut ids = Vec::new();
@@ -177,6 +189,7 @@ async fn step_once(state: &AppState, job_id: &str) -> AppResult<Next> {
     }
     let now = time::now();
     if job.cancel_requested {
+        state.scripts.kill(&job.id);
         for s in &job.steps {
             for id in &s.job_ids {
                 request_cancel(state, id).await?;
@@ -218,6 +231,41 @@ async fn step_once(state: &AppState, job_id: &str) -> AppResult<Next> {
         (Executor::Server, StepState::Pending) => {
             let plan_id = job.plan_id.clone().unwrap_or_default();
             let plan = state.store.plan(&plan_id).await?;
+            let plan_step = plan.as_ref().and_then(|p| p.steps.get(i));
+            if let (Some(p), Some(ps)) = (&plan, plan_step)
+                && ps.kind == PlanStepKind::Script
+            {
+                let spec = script::Spec {
+                    job_id: job.id.clone(),
+                    index: i,
+                    command: ps.text.clone().unwrap_or_default(),
+                    timeout: std::time::Duration::from_secs(
+                        ps.timeout_secs
+                            .unwrap_or(rebound_api::PlanStep::DEFAULT_SCRIPT_TIMEOUT_SECS),
+                    ),
+                    plan_id: p.id.clone(),
+                    plan_name: p.name.clone(),
+                    action: job.action.to_string(),
+                };
+                step.state = StepState::Running;
+                step.started_at = Some(now.clone());
+                step.updated_at = Some(now);
+                job.state = JobState::Running;
+                state.store.put_job(&job).await?;
+                info!(job = %job.id, step = i, "running the plan's script step");
+                return Ok(Next::Script(spec));
+            }
+            if is_script_step(step) {
+                // The plan no longer has this script: never guess a command.
+                step.state = StepState::Failed;
+                step.ended_at = Some(now);
+                step.error = Some(Failure::new(
+                    ErrorCode::PlanScriptFailed,
+                    format!("recovery plan {plan_id} has no script step {i} any more"),
+                ));
+                state.store.put_job(&job).await?;
+                return Ok(Next::Again);
+            }
             let items = plan
                 .and_then(|p| p.steps.get(i).map(|s| s.items.clone()))
                 .unwrap_or_default();
@@ -229,8 +277,9 @@ async fn step_once(state: &AppState, job_id: &str) -> AppResult<Next> {
             Ok(Next::Start(i, items))
         }
         (Executor::Server, _) if step.job_ids.is_empty() => {
-            // Its item jobs are being started (`advance` writes their ids);
-            // after a restart `recover` fails such a step instead.
+            // Its item jobs are being started (`advance` writes their ids),
+            // or its script runs (`script` writes its result); after a
+            // restart `recover` fails such a step instead.
             Ok(Next::Stop)
         }
         (Executor::Server, _) => {

@@ -351,6 +351,7 @@ async fn prechecks_report_every_failure_at_once() {
                     running: true,
                     suspended: true,
                     sync_barrier: None,
+                    sync_barrier_ns: None,
                 }),
                 ..Default::default()
             },
@@ -605,6 +606,46 @@ async fn backup_while_running_and_restore_keeps_items_failback_able() {
     );
     let server = Server::start(dir2.path(), fast_config()).await;
     let mut w = w;
+    fails_back_on(&server, &mut w).await;
+    server.stop().await;
+
+    // The same backup into an empty PostgreSQL database, when one is at hand.
+    if let Ok(url) = std::env::var("DATABASE_URL") {
+        use sqlx::Connection;
+        let name = format!("rebound_srv_{}", rebound_store::random_hex(6));
+        let mut admin = sqlx::PgConnection::connect(&url).await.unwrap();
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut admin)
+            .await
+            .unwrap();
+        let (base, query) = match url.split_once('?') {
+            Some((b, q)) => (b, format!("?{q}")),
+            None => (url.as_str(), String::new()),
+        };
+        let cut = base.rfind('/').unwrap();
+        let db_url = format!("{}/{name}{query}", &base[..cut]);
+        rebound_server::restore_into_database(&file, &db_url)
+            .await
+            .unwrap()
+            .close()
+            .await;
+        let again = rebound_server::restore_into_database(&file, &db_url)
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(again.0.code, 4031, "never over a configuration server");
+        let server = Server::start_url(&db_url, dir2.path(), fast_config()).await;
+        fails_back_on(&server, &mut w).await;
+        server.stop().await;
+        sqlx::query(&format!("DROP DATABASE {name} WITH (FORCE)"))
+            .execute(&mut admin)
+            .await
+            .unwrap();
+    }
+}
+
+/// The restored server knows the reverse-protected item and fails it back.
+async fn fails_back_on(server: &Server, w: &mut World) {
     w.admin.base = server.base.clone();
     for c in [
         &mut w.mt_primary,
@@ -622,10 +663,9 @@ async fn backup_while_running_and_restore_keeps_items_failback_able() {
             direction: Direction::Reverse
         }
     );
-    heartbeat_all(&w).await;
+    heartbeat_all(w).await;
     let job: Job = w.act(&ActionRequest::new(Action::Failback)).await.ok();
     assert_eq!(w.drive(&job.id).await.state, JobState::Waiting);
-    server.stop().await;
 }
 
 #[tokio::test]
@@ -713,11 +753,13 @@ async fn groups_need_one_os_and_reprotect_through_a_plan() {
                         kind: PlanStepKind::Group,
                         items: vec!["vm1".into()],
                         text: None,
+                        timeout_secs: None,
                     },
                     PlanStep {
                         kind: PlanStepKind::Manual,
                         items: vec![],
                         text: Some("check DNS".into()),
+                        timeout_secs: None,
                     },
                 ],
             },
@@ -802,11 +844,13 @@ async fn plan_jobs_run_groups_in_order_and_wait_for_the_operator() {
                         kind: PlanStepKind::Group,
                         items: vec!["vm1".into()],
                         text: None,
+                        timeout_secs: None,
                     },
                     PlanStep {
                         kind: PlanStepKind::Manual,
                         items: vec![],
                         text: Some("check DNS".into()),
+                        timeout_secs: None,
                     },
                 ],
             },
@@ -944,4 +988,369 @@ async fn until(w: &World, id: &str, state: JobState) -> Job {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     panic!("job {id} never became {state}");
+}
+
+/// A second protectable item with its own agent, sharing the world's
+/// components.
+async fn second_item(w: &World, name: &str) -> World {
+    let agent = enrol(
+        &w.admin,
+        &w.key,
+        ComponentRole::Agent,
+        &format!("{name}-agent"),
+        "onprem",
+    )
+    .await;
+    let _: Component = agent
+        .1
+        .post(
+            &format!("/components/{}/heartbeat", agent.0.component_id),
+            &Heartbeat {
+                version: "0.1.0".into(),
+                agent: Some(AgentFacts {
+                    machine: name.into(),
+                    running: true,
+                    suspended: false,
+                    sync_barrier: None,
+                    sync_barrier_ns: None,
+                }),
+                ..Default::default()
+            },
+        )
+        .await
+        .ok();
+    let item: Item = w
+        .admin
+        .post(
+            "/items",
+            &NewItem {
+                name: name.into(),
+                os: OsType::Linux,
+                disks: vec![Disk {
+                    name: "root".into(),
+                    size_bytes: 10 << 30,
+                    uuid: format!("{name}-root"),
+                }],
+                primary_site: "onprem".into(),
+                recovery_site: "cloud".into(),
+                born_at: None,
+                agent_id: Some(agent.0.component_id.clone()),
+            },
+        )
+        .await
+        .ok();
+    World {
+        admin: w.admin.clone(),
+        key: w.key.clone(),
+        primary: w.primary.clone(),
+        recovery: w.recovery.clone(),
+        mt_primary: w.mt_primary.clone(),
+        mt_recovery: w.mt_recovery.clone(),
+        ps: w.ps.clone(),
+        agent,
+        policy: w.policy.clone(),
+        item,
+    }
+}
+
+fn script(text: &str, timeout_secs: Option<u64>) -> PlanStep {
+    PlanStep {
+        kind: PlanStepKind::Script,
+        items: vec![],
+        text: Some(text.into()),
+        timeout_secs,
+    }
+}
+
+fn group(item: &str) -> PlanStep {
+    PlanStep {
+        kind: PlanStepKind::Group,
+        items: vec![item.into()],
+        text: None,
+        timeout_secs: None,
+    }
+}
+
+async fn plan_of(w: &World, name: &str, steps: Vec<PlanStep>) -> Plan {
+    w.admin
+        .post(
+            "/plans",
+            &NewPlan {
+                name: name.into(),
+                steps,
+            },
+        )
+        .await
+        .ok()
+}
+
+async fn start_plan(w: &World, plan: &Plan, action: Action) -> Job {
+    w.admin
+        .post(
+            &format!("/plans/{}/actions", plan.id),
+            &ActionRequest::new(action),
+        )
+        .await
+        .ok()
+}
+
+/// Wait until a condition on a job holds (5 s at most).
+async fn until_job(w: &World, id: &str, what: &str, f: impl Fn(&Job) -> bool) -> Job {
+    for _ in 0..200 {
+        let j: Job = w.admin.get(&format!("/jobs/{id}")).await.ok();
+        if f(&j) {
+            return j;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let j: Job = w.admin.get(&format!("/jobs/{id}")).await.ok();
+    panic!("job {id}: {what} never happened: {j:?}");
+}
+
+/// A process is gone (or a zombie nobody reaped yet).
+fn process_gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])),
+    }
+}
+
+async fn wait_gone(pid: u32) {
+    for _ in 0..200 {
+        if process_gone(pid) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("process {pid} still runs");
+}
+
+async fn read_pids(path: &std::path::Path) -> Vec<u32> {
+    for _ in 0..200 {
+        if let Ok(s) = std::fs::read_to_string(path)
+            && s.ends_with('\n')
+        {
+            return s.split_whitespace().map(|p| p.parse().unwrap()).collect();
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("the script never wrote {}", path.display());
+}
+
+/// group → script → group: the script runs on the server with the plan in
+/// its environment, its output lands in the step's message, and the plan
+/// goes on to the next group.
+#[tokio::test]
+async fn plan_script_steps_run_between_groups() {
+    let (dir, server, w) = fresh().await;
+    w.protect().await;
+    let w2 = second_item(&w, "vm2").await;
+    w2.protect().await;
+    let env_file = dir.path().join("script-env.txt");
+    let plan = plan_of(
+        &w,
+        "dr",
+        vec![
+            group("vm1"),
+            script(
+                &format!(
+                    "env | grep '^REBOUND_' | sort > '{}'; echo script-says-hello; echo on-stderr >&2",
+                    env_file.display()
+                ),
+                Some(10),
+            ),
+            group("vm2"),
+        ],
+    )
+    .await;
+    assert_eq!(plan.steps[1].timeout_secs, Some(10));
+    let pj = start_plan(&w, &plan, Action::Failover).await;
+    assert_eq!(pj.steps[1].executor, Executor::Server);
+    assert_eq!(pj.steps[1].state, StepState::Pending);
+    assert_eq!(
+        w.drive(&pj.steps[0].job_ids[0]).await.state,
+        JobState::Succeeded
+    );
+    let j = until_job(&w, &pj.id, "the second group starts", |j| {
+        !j.steps[2].job_ids.is_empty()
+    })
+    .await;
+    assert_eq!(j.steps[1].state, StepState::Done);
+    let msg = j.steps[1].message.clone().unwrap_or_default();
+    assert!(msg.contains("script-says-hello"), "{msg:?}");
+    assert!(msg.contains("on-stderr"), "{msg:?}");
+    let env = std::fs::read_to_string(&env_file).unwrap();
+    for want in [
+        "REBOUND_ACTION=failover".to_string(),
+        format!("REBOUND_JOB_ID={}", pj.id),
+        format!("REBOUND_PLAN_ID={}", plan.id),
+        "REBOUND_PLAN_NAME=dr".to_string(),
+    ] {
+        assert!(env.lines().any(|l| l == want), "{want} not in {env:?}");
+    }
+    assert_eq!(
+        w2.drive(&j.steps[2].job_ids[0]).await.state,
+        JobState::Succeeded
+    );
+    let done = until(&w, &pj.id, JobState::Succeeded).await;
+    assert!(done.steps.iter().all(|s| s.state == StepState::Done));
+    assert_eq!(w2.item().await.state.phase, Phase::CommitPending);
+
+    // A script step's timeout is bounded; only script steps have one.
+    w.admin
+        .post(
+            "/plans",
+            &NewPlan {
+                name: "bad".into(),
+                steps: vec![script("true", Some(0))],
+            },
+        )
+        .await
+        .err(400, 4004);
+    server.stop().await;
+}
+
+/// A failing script fails the plan job with plan-script-failed and its
+/// output; a script past its timeout is killed.
+#[tokio::test]
+async fn plan_script_failures_and_timeouts_fail_the_plan() {
+    let (dir, server, w) = fresh().await;
+    let plan = plan_of(
+        &w,
+        "fails",
+        vec![
+            script("echo first-line; echo bad-thing >&2; exit 3", None),
+            PlanStep {
+                kind: PlanStepKind::Manual,
+                items: vec![],
+                text: Some("never reached".into()),
+                timeout_secs: None,
+            },
+        ],
+    )
+    .await;
+    let pj = start_plan(&w, &plan, Action::Failover).await;
+    let j = until(&w, &pj.id, JobState::Failed).await;
+    let e = j.error.clone().unwrap();
+    assert_eq!(e.code, 4032);
+    assert!(e.message.contains("status 3"), "{}", e.message);
+    assert!(!e.remedy.is_empty());
+    assert_eq!(j.steps[0].state, StepState::Failed);
+    assert_eq!(j.steps[0].error.as_ref().unwrap().code, 4032);
+    let msg = j.steps[0].message.clone().unwrap_or_default();
+    assert!(
+        msg.contains("first-line") && msg.contains("bad-thing"),
+        "{msg:?}"
+    );
+    assert_eq!(j.steps[1].state, StepState::Cancelled);
+
+    // A sleeping script is killed at its timeout, with its children.
+    let pids = dir.path().join("timeout-pids");
+    let plan = plan_of(
+        &w,
+        "slow",
+        vec![script(
+            &format!(
+                "sleep 60 & echo $$ $! > '{}'; echo started; wait",
+                pids.display()
+            ),
+            Some(1),
+        )],
+    )
+    .await;
+    let pj = start_plan(&w, &plan, Action::Failover).await;
+    let running = read_pids(&pids).await;
+    let j = until(&w, &pj.id, JobState::Failed).await;
+    assert_eq!(j.error.as_ref().unwrap().code, 4032);
+    let why = &j.steps[0].error.as_ref().unwrap().message;
+    assert!(why.contains("timeout of 1 s"), "{why}");
+    assert_eq!(j.steps[0].message.as_deref(), Some("started"));
+    for pid in running {
+        wait_gone(pid).await;
+    }
+    server.stop().await;
+}
+
+/// Cancelling the plan job kills its running script (and what it started).
+#[tokio::test]
+async fn cancelling_a_plan_kills_its_running_script() {
+    let (dir, server, w) = fresh().await;
+    let pids = dir.path().join("cancel-pids");
+    let plan = plan_of(
+        &w,
+        "cancel",
+        vec![script(
+            &format!("sleep 60 & echo $$ $! > '{}'; wait", pids.display()),
+            None,
+        )],
+    )
+    .await;
+    let pj = start_plan(&w, &plan, Action::Failover).await;
+    let running = read_pids(&pids).await;
+    assert_eq!(running.len(), 2);
+    let j: Job = w.admin.get(&format!("/jobs/{}", pj.id)).await.ok();
+    assert_eq!(j.state, JobState::Running);
+    assert_eq!(j.steps[0].state, StepState::Running);
+    let cancelled: Job = w
+        .admin
+        .post(&format!("/jobs/{}/cancel", pj.id), &())
+        .await
+        .ok();
+    assert_eq!(cancelled.state, JobState::Cancelled);
+    for pid in running {
+        wait_gone(pid).await;
+    }
+    // The killed script does not rewrite the cancelled job.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let j: Job = w.admin.get(&format!("/jobs/{}", pj.id)).await.ok();
+    assert_eq!(j.state, JobState::Cancelled);
+    assert_eq!(j.error.unwrap().code, 4025);
+    server.stop().await;
+}
+
+/// A restart while a script runs kills it and fails its step with
+/// job-interrupted: a script is never run again by itself.
+#[tokio::test]
+async fn a_restart_fails_a_running_script_step_without_rerunning_it() {
+    let (dir, server, w) = fresh().await;
+    let pids = dir.path().join("restart-pids");
+    let runs = dir.path().join("runs");
+    let plan = plan_of(
+        &w,
+        "restart",
+        vec![script(
+            &format!(
+                "echo run >> '{}'; echo $$ > '{}'; sleep 60",
+                runs.display(),
+                pids.display()
+            ),
+            None,
+        )],
+    )
+    .await;
+    let pj = start_plan(&w, &plan, Action::Failover).await;
+    let running = read_pids(&pids).await;
+    server.stop().await;
+    for pid in running {
+        wait_gone(pid).await;
+    }
+    let server = Server::start(dir.path(), fast_config()).await;
+    let admin = Client::new(&server.base, w.admin.token.as_deref());
+    let mut j = None;
+    for _ in 0..200 {
+        let job: Job = admin.get(&format!("/jobs/{}", pj.id)).await.ok();
+        if job.state == JobState::Failed {
+            j = Some(job);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let j = j.expect("the plan job fails after the restart");
+    assert_eq!(j.error.as_ref().unwrap().code, 4024);
+    assert_eq!(j.steps[0].error.as_ref().unwrap().code, 4024);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(std::fs::read_to_string(&runs).unwrap(), "run\n");
+    server.stop().await;
 }

@@ -14,7 +14,7 @@ use rebound_types::{Coded, ErrorCode};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sqlx::any::{AnyPoolOptions, AnyRow};
-use sqlx::{AnyPool, Row};
+use sqlx::{AnyConnection, AnyPool, Row};
 use std::path::Path;
 use std::str::FromStr;
 use tokio::sync::{Mutex, MutexGuard};
@@ -38,6 +38,8 @@ pub enum StoreError {
     Corrupt(String),
     #[error("{0}")]
     Unsupported(String),
+    #[error("{0}")]
+    Backup(String),
 }
 
 impl Coded for StoreError {
@@ -45,7 +47,7 @@ impl Coded for StoreError {
         match self {
             StoreError::NotFound(_) => ErrorCode::NotFound,
             StoreError::Conflict(_) => ErrorCode::AlreadyExists,
-            StoreError::Unsupported(_) => ErrorCode::BackupFailed,
+            StoreError::Unsupported(_) | StoreError::Backup(_) => ErrorCode::BackupFailed,
             _ => ErrorCode::StoreUnavailable,
         }
     }
@@ -574,20 +576,137 @@ impl Store {
 
     // ------------------------------------------------------------ backup
 
-    /// A consistent copy of the database while the server runs (SQLite:
-    /// `VACUUM INTO`, which reads one snapshot). PostgreSQL deployments use
-    /// pg_dump.
+    /// A consistent copy of the database while the server runs, written as a
+    /// SQLite file with this schema (portable, readable with `sqlite3`).
+    /// SQLite: `VACUUM INTO`, which reads one snapshot. PostgreSQL: every
+    /// table of the schema read in one `REPEATABLE READ READ ONLY`
+    /// transaction (one snapshot while writers go on) into a fresh SQLite
+    /// file made by the same migrations. Either way the copy is written under
+    /// a temporary name beside `dest`, synced, then renamed: a failed backup
+    /// never leaves a partial file under `dest`.
     pub async fn backup_to(&self, dest: &Path) -> Result<()> {
-        if self.backend != Backend::Sqlite {
-            return Err(StoreError::Unsupported(
-                "backup of a PostgreSQL configuration server: use pg_dump".into(),
-            ));
+        let tmp = partial_name(dest)?;
+        let written = match self.backend {
+            Backend::Sqlite => self.vacuum_into(&tmp).await,
+            Backend::Postgres => self.copy_into_sqlite(&tmp).await,
+        };
+        let done = written.and_then(|()| {
+            sync_file(&tmp)?;
+            std::fs::rename(&tmp, dest).map_err(|e| {
+                io_err(
+                    format!("renaming {} to {}", tmp.display(), dest.display()),
+                    e,
+                )
+            })?;
+            sync_parent(dest)
+        });
+        if done.is_err() {
+            let _ = std::fs::remove_file(&tmp);
         }
-        let path = dest.to_string_lossy().replace('\'', "''");
+        done
+    }
+
+    async fn vacuum_into(&self, tmp: &Path) -> Result<()> {
+        let path = tmp.to_string_lossy().replace('\'', "''");
         sqlx::query(&format!("VACUUM INTO '{path}'"))
             .execute(&self.pool)
             .await?;
         Ok(())
+    }
+
+    async fn copy_into_sqlite(&self, tmp: &Path) -> Result<()> {
+        let dst = open_sqlite_file(tmp, true).await?;
+        let copied = async {
+            let mut snap = self
+                .pool
+                .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                .await?;
+            check_tables(&mut snap, self.backend, "the database").await?;
+            let mut out = dst.begin().await?;
+            for t in TABLES {
+                copy_table(&mut snap, &mut out, t).await?;
+            }
+            out.commit().await?;
+            snap.commit().await?;
+            Ok::<(), StoreError>(())
+        }
+        .await;
+        dst.close().await;
+        copied
+    }
+
+    /// Load a backup written by [`Store::backup_to`] into this store, which
+    /// must be empty (a fresh database with the migrations applied): one
+    /// transaction, all or nothing. Refuses a database that already holds a
+    /// configuration server, and a file that is not a backup.
+    pub async fn restore_from(&self, backup: &Path) -> Result<()> {
+        let _w = self.lock().await;
+        let src = open_sqlite_file(backup, false).await.map_err(|e| {
+            StoreError::Backup(format!(
+                "{} is not a readable backup: {e}",
+                backup.display()
+            ))
+        })?;
+        let restored = async {
+            let mut input = src.begin().await?;
+            check_tables(&mut input, Backend::Sqlite, &format!("the backup {}", backup.display()))
+                .await?;
+            let initialised = sqlx::query("SELECT value FROM meta WHERE key = 'initialised_at'")
+                .fetch_optional(&mut *input)
+                .await?;
+            if initialised.is_none() {
+                return Err(StoreError::Backup(format!(
+                    "{} is not a configuration server backup (no initialised_at in its meta table)",
+                    backup.display()
+                )));
+            }
+            let mut tx = self.pool.begin().await?;
+            for t in TABLES {
+                let row = sqlx::query(&format!("SELECT COUNT(*) AS n FROM {}", t.name))
+                    .fetch_one(&mut *tx)
+                    .await?;
+                let n: i64 = row.try_get("n")?;
+                if n > 0 {
+                    return Err(StoreError::Backup(format!(
+                        "the target database is not empty (table {} has {n} rows{}); restore into a new, empty database",
+                        t.name,
+                        if t.name == "meta" { ": it already holds a configuration server" } else { "" }
+                    )));
+                }
+            }
+            for t in TABLES {
+                copy_table(&mut input, &mut tx, t).await?;
+            }
+            tx.commit().await?;
+            input.commit().await?;
+            Ok(())
+        }
+        .await;
+        src.close().await;
+        restored
+    }
+
+    /// Every row of every table of the schema, tables in [`TABLES`] order,
+    /// rows by primary key: to compare a restored database with its source.
+    pub async fn dump(&self) -> Result<Vec<(String, Vec<Vec<(String, Cell)>>)>> {
+        let mut conn = self.pool.acquire().await?;
+        let mut out = Vec::new();
+        for t in TABLES {
+            let mut rows = Vec::new();
+            let mut after: Option<Vec<String>> = None;
+            loop {
+                let page = read_page(&mut conn, t, after.as_deref()).await?;
+                let Some(last) = page.last() else { break };
+                after = Some(key_of(t, last)?);
+                let full = page.len() < PAGE;
+                rows.extend(page);
+                if full {
+                    break;
+                }
+            }
+            out.push((t.name.to_string(), rows));
+        }
+        Ok(out)
     }
 
     /// Counts of the main objects (for restore checks and the dashboard).
@@ -617,4 +736,274 @@ impl Table {
             Table::Policies => "policies",
         }
     }
+}
+
+/// A table of the schema and its primary key (all key columns are text).
+#[derive(Clone, Copy, Debug)]
+pub struct TableSpec {
+    pub name: &'static str,
+    pub key: &'static [&'static str],
+}
+
+/// Every table the migrations create, parents before children (foreign
+/// keys): what a backup copies. A backup refuses a database with a table
+/// missing here, so a new migration cannot be silently left out.
+pub const TABLES: &[TableSpec] = &[
+    TableSpec {
+        name: "meta",
+        key: &["key"],
+    },
+    TableSpec {
+        name: "tokens",
+        key: &["id"],
+    },
+    TableSpec {
+        name: "sites",
+        key: &["id"],
+    },
+    TableSpec {
+        name: "components",
+        key: &["id"],
+    },
+    TableSpec {
+        name: "policies",
+        key: &["id"],
+    },
+    TableSpec {
+        name: "replication_groups",
+        key: &["id"],
+    },
+    TableSpec {
+        name: "plans",
+        key: &["id"],
+    },
+    TableSpec {
+        name: "items",
+        key: &["id"],
+    },
+    TableSpec {
+        name: "points",
+        key: &["item_id", "id"],
+    },
+    TableSpec {
+        name: "jobs",
+        key: &["id"],
+    },
+];
+
+/// Rows are copied in pages of this many (bounded memory).
+const PAGE: usize = 500;
+
+/// One value of a row, whatever the database.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Cell {
+    Null,
+    Int(i64),
+    Real(f64),
+    Text(String),
+    Blob(Vec<u8>),
+}
+
+fn io_err(what: String, e: std::io::Error) -> StoreError {
+    StoreError::Backup(format!("{what}: {e}"))
+}
+
+/// `DIR/.NAME.partial-RANDOM` beside `dest`.
+fn partial_name(dest: &Path) -> Result<std::path::PathBuf> {
+    let name = dest
+        .file_name()
+        .ok_or_else(|| StoreError::Backup(format!("{} is not a file name", dest.display())))?;
+    Ok(dest.with_file_name(format!(
+        ".{}.partial-{}",
+        name.to_string_lossy(),
+        random_hex(4)
+    )))
+}
+
+fn sync_file(path: &Path) -> Result<()> {
+    std::fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| io_err(format!("syncing {}", path.display()), e))
+}
+
+fn sync_parent(path: &Path) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    sync_file(dir)
+}
+
+/// A pool of one connection on a SQLite file: a new one (created, migrated,
+/// rollback journal so that the file is complete on its own) or an existing
+/// one read only.
+async fn open_sqlite_file(path: &Path, create: bool) -> Result<AnyPool> {
+    use sqlx::ConnectOptions;
+    use sqlx::sqlite::SqliteConnectOptions;
+    sqlx::any::install_default_drivers();
+    if !create && !path.is_file() {
+        return Err(StoreError::Backup(format!(
+            "{} is not a file",
+            path.display()
+        )));
+    }
+    let opts = SqliteConnectOptions::new()
+        .filename(path)
+        .create_if_missing(create)
+        .read_only(!create);
+    let url = opts.to_url_lossy();
+    let pool = AnyPoolOptions::new()
+        .max_connections(1)
+        .connect(url.as_str())
+        .await?;
+    if create {
+        sqlx::query("PRAGMA journal_mode = DELETE")
+            .execute(&pool)
+            .await?;
+        MIGRATOR.run(&pool).await?;
+    }
+    Ok(pool)
+}
+
+/// The tables of the database behind `conn` must be the ones of [`TABLES`].
+async fn check_tables(conn: &mut AnyConnection, backend: Backend, what: &str) -> Result<()> {
+    let sql = match backend {
+        Backend::Sqlite => {
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' AND name NOT LIKE '_sqlx%'"
+        }
+        Backend::Postgres => {
+            "SELECT CAST(table_name AS TEXT) AS name FROM information_schema.tables WHERE table_schema = current_schema() AND table_type = 'BASE TABLE' AND table_name NOT LIKE '_sqlx%'"
+        }
+    };
+    let rows = sqlx::query(sql).fetch_all(&mut *conn).await?;
+    let mut found = rows
+        .iter()
+        .map(|r| r.try_get::<String, _>("name"))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    found.sort();
+    let mut known: Vec<String> = TABLES.iter().map(|t| t.name.to_string()).collect();
+    known.sort();
+    if found != known {
+        return Err(StoreError::Backup(format!(
+            "{what} has the tables {found:?}, this release knows {known:?}; use the rebound release that wrote it"
+        )));
+    }
+    Ok(())
+}
+
+fn cell(row: &AnyRow, i: usize) -> Result<Cell> {
+    use sqlx::ValueRef;
+    use sqlx::any::AnyTypeInfoKind as K;
+    let raw = row.try_get_raw(i)?;
+    if raw.is_null() {
+        return Ok(Cell::Null);
+    }
+    let kind = raw.type_info().kind();
+    Ok(match kind {
+        K::Null => Cell::Null,
+        K::Bool => Cell::Int(i64::from(row.try_get::<bool, _>(i)?)),
+        K::SmallInt | K::Integer | K::BigInt => Cell::Int(row.try_get(i)?),
+        K::Real | K::Double => Cell::Real(row.try_get(i)?),
+        K::Text => Cell::Text(row.try_get(i)?),
+        K::Blob => Cell::Blob(row.try_get(i)?),
+    })
+}
+
+fn named_cells(row: &AnyRow) -> Result<Vec<(String, Cell)>> {
+    use sqlx::Column;
+    row.columns()
+        .iter()
+        .enumerate()
+        .map(|(i, c)| Ok((c.name().to_string(), cell(row, i)?)))
+        .collect()
+}
+
+fn key_of(t: &TableSpec, row: &[(String, Cell)]) -> Result<Vec<String>> {
+    t.key
+        .iter()
+        .map(|k| match row.iter().find(|(n, _)| n == k) {
+            Some((_, Cell::Text(v))) => Ok(v.clone()),
+            _ => Err(StoreError::Corrupt(format!(
+                "{}: key column {k} is missing or not text",
+                t.name
+            ))),
+        })
+        .collect()
+}
+
+/// The next page of `t` after the key `after`, in key order.
+async fn read_page(
+    conn: &mut AnyConnection,
+    t: &TableSpec,
+    after: Option<&[String]>,
+) -> Result<Vec<Vec<(String, Cell)>>> {
+    let key = t.key.join(", ");
+    let mut sql = format!("SELECT * FROM {}", t.name);
+    if after.is_some() {
+        let params: Vec<String> = (1..=t.key.len()).map(|i| format!("${i}")).collect();
+        sql.push_str(&format!(" WHERE ({key}) > ({})", params.join(", ")));
+    }
+    sql.push_str(&format!(" ORDER BY {key} LIMIT {PAGE}"));
+    let mut q = sqlx::query(&sql);
+    for v in after.unwrap_or_default() {
+        q = q.bind(v.as_str());
+    }
+    let rows = q.fetch_all(&mut *conn).await?;
+    rows.iter().map(named_cells).collect()
+}
+
+/// Copy every row and column of `t` from `src` to `dst`, page by page.
+async fn copy_table(
+    src: &mut AnyConnection,
+    dst: &mut AnyConnection,
+    t: &TableSpec,
+) -> Result<u64> {
+    let mut after: Option<Vec<String>> = None;
+    let mut n = 0u64;
+    loop {
+        let page = read_page(src, t, after.as_deref()).await?;
+        let Some(last) = page.last() else { break };
+        after = Some(key_of(t, last)?);
+        for row in &page {
+            insert_row(dst, t.name, row).await?;
+            n += 1;
+        }
+        if page.len() < PAGE {
+            break;
+        }
+    }
+    Ok(n)
+}
+
+/// NULLs are written as literals, so that no parameter type has to be
+/// guessed for them.
+async fn insert_row(dst: &mut AnyConnection, table: &str, row: &[(String, Cell)]) -> Result<()> {
+    let cols: Vec<&str> = row.iter().map(|(n, _)| n.as_str()).collect();
+    let mut vals = Vec::with_capacity(row.len());
+    let mut p = 0;
+    for (_, c) in row {
+        if *c == Cell::Null {
+            vals.push("NULL".to_string());
+        } else {
+            p += 1;
+            vals.push(format!("${p}"));
+        }
+    }
+    let sql = format!(
+        "INSERT INTO {table} ({}) VALUES ({})",
+        cols.join(", "),
+        vals.join(", ")
+    );
+    let mut q = sqlx::query(&sql);
+    for (_, c) in row {
+        q = match c {
+            Cell::Null => q,
+            Cell::Int(v) => q.bind(*v),
+            Cell::Real(v) => q.bind(*v),
+            Cell::Text(v) => q.bind(v.as_str()),
+            Cell::Blob(v) => q.bind(v.as_slice()),
+        };
+    }
+    q.execute(&mut *dst).await?;
+    Ok(())
 }

@@ -292,7 +292,10 @@ error_codes! {
         "Use a client of the same rebound release as the server.";
     /// A backup or restore of the configuration server failed.
     BackupFailed = 4031, "backup-failed",
-        "Check the paths and free space; restore only onto a stopped server with an empty or absent data directory.";
+        "Check the paths and free space; restore only onto a stopped server with an empty or absent data directory, or a new, empty PostgreSQL database (`CREATE DATABASE`).";
+    /// A recovery plan's script step exited with an error or ran past its timeout.
+    PlanScriptFailed = 4032, "plan-script-failed",
+        "Read the script's output in the step's message, fix the script or what it automates (it runs on the configuration server host), then run the plan action again.";
 }
 
 impl fmt::Display for ErrorCode {

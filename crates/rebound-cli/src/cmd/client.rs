@@ -181,7 +181,8 @@ pub struct Plans {
 }
 #[derive(clap::Subcommand)]
 enum PlansCmd {
-    /// Create a recovery plan; steps in order: `group:ITEM,ITEM`, `script:CMD`, `manual:TEXT`.
+    /// Create a recovery plan; steps in order: `group:ITEM,ITEM`, `script:CMD` (run on the
+    /// configuration server host; `script@SECS:CMD` sets its timeout, default 300 s), `manual:TEXT`.
     Add {
         name: String,
         #[arg(long = "step", required = true)]
@@ -614,10 +615,17 @@ fn parse_step(s: &str) -> anyhow::Result<PlanStep> {
     let bad = || {
         Failure::new(
             ErrorCode::InvalidArgument,
-            format!("--step {s:?}: use group:ITEM,ITEM, script:CMD or manual:TEXT"),
+            format!(
+                "--step {s:?}: use group:ITEM,ITEM, script:CMD, script@SECS:CMD or manual:TEXT"
+            ),
         )
     };
     let (kind, rest) = s.split_once(':').ok_or_else(bad)?;
+    let (kind, timeout_secs) = match kind.split_once('@') {
+        Some(("script", secs)) => ("script", Some(secs.parse::<u64>().map_err(|_| bad())?)),
+        Some(_) => return Err(bad().into()),
+        None => (kind, None),
+    };
     Ok(match kind {
         "group" => PlanStep {
             kind: PlanStepKind::Group,
@@ -627,16 +635,19 @@ fn parse_step(s: &str) -> anyhow::Result<PlanStep> {
                 .map(str::to_string)
                 .collect(),
             text: None,
+            timeout_secs: None,
         },
         "script" => PlanStep {
             kind: PlanStepKind::Script,
             items: vec![],
             text: Some(rest.into()),
+            timeout_secs,
         },
         "manual" => PlanStep {
             kind: PlanStepKind::Manual,
             items: vec![],
             text: Some(rest.into()),
+            timeout_secs: None,
         },
         _ => return Err(bad().into()),
     })
@@ -1129,4 +1140,26 @@ async fn reprotect(a: Reprotect, act: Action) -> anyhow::Result<ExitCode> {
         ..ActionRequest::new(act)
     };
     action(&api, &a.item, req, a.wait).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plan_steps_parse_with_an_optional_script_timeout() {
+        let s = parse_step("script:echo a@b:c").expect("a script step");
+        assert_eq!(s.kind, PlanStepKind::Script);
+        assert_eq!(s.text.as_deref(), Some("echo a@b:c"));
+        assert_eq!(s.timeout_secs, None);
+        let s = parse_step("script@30:./failover-dns.sh").expect("a timed script step");
+        assert_eq!(s.timeout_secs, Some(30));
+        assert_eq!(s.text.as_deref(), Some("./failover-dns.sh"));
+        assert!(parse_step("script@soon:x").is_err());
+        assert!(parse_step("manual@3:x").is_err());
+        assert_eq!(
+            parse_step("group:vm1,vm2").expect("a group").items,
+            vec!["vm1", "vm2"]
+        );
+    }
 }

@@ -23,7 +23,8 @@ enum Command {
     Run(RunArgs),
     /// Write a consistent copy of the database, while the server runs.
     Backup(BackupArgs),
-    /// Restore a backup into an empty data directory (server stopped).
+    /// Restore a backup into an empty data directory or an empty PostgreSQL
+    /// database (server stopped).
     Restore(RestoreArgs),
 }
 
@@ -83,8 +84,12 @@ struct BackupArgs {
 #[derive(clap::Args)]
 struct RestoreArgs {
     /// The empty data directory to restore into.
-    #[arg(long)]
-    data_dir: PathBuf,
+    #[arg(long, required_unless_present = "database_url")]
+    data_dir: Option<PathBuf>,
+    /// An empty PostgreSQL database to restore into instead
+    /// (`postgres://user@host/db`; created with `CREATE DATABASE`).
+    #[arg(long, conflicts_with = "data_dir")]
+    database_url: Option<String>,
     /// The backup file written by `rebound server backup`.
     #[arg(long, short)]
     input: PathBuf,
@@ -156,18 +161,35 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::SUCCESS)
             }
             Command::Restore(a) => {
-                let store = rebound_server::restore(&a.input, &a.data_dir)
-                    .await
-                    .map_err(coded)?;
+                let (store, target) = match (&a.data_dir, &a.database_url) {
+                    (_, Some(url)) => (
+                        rebound_server::restore_into_database(&a.input, url)
+                            .await
+                            .map_err(coded)?,
+                        "the database".to_string(),
+                    ),
+                    (Some(dir), None) => (
+                        rebound_server::restore(&a.input, dir)
+                            .await
+                            .map_err(coded)?,
+                        dir.display().to_string(),
+                    ),
+                    (None, None) => {
+                        return Err(Failure::new(
+                            ErrorCode::InvalidArgument,
+                            "give --data-dir DIR or --database-url URL",
+                        )
+                        .into());
+                    }
+                };
                 let items = store
                     .count(rebound_store::Table::Items)
                     .await
                     .map_err(store_err)?;
                 store.close().await;
                 println!(
-                    "restored {} into {} ({items} items)",
+                    "restored {} into {target} ({items} items)",
                     a.input.display(),
-                    a.data_dir.display()
                 );
                 Ok(ExitCode::SUCCESS)
             }

@@ -32,9 +32,13 @@ pub fn fast_config() -> Config {
 impl Server {
     /// Start a server on an initialised data directory.
     pub async fn start(dir: &Path, config: Config) -> Server {
-        let store = rebound_server::open_initialised(&Store::sqlite_url(dir))
-            .await
-            .unwrap();
+        Server::start_url(&Store::sqlite_url(dir), dir, config).await
+    }
+
+    /// Start a server on an initialised database at `url` (`dir` is kept
+    /// for the caller's files).
+    pub async fn start_url(url: &str, dir: &Path, config: Config) -> Server {
+        let store = rebound_server::open_initialised(url).await.unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();
@@ -265,6 +269,7 @@ pub async fn heartbeat_all(w: &World) {
                 running: true,
                 suspended: false,
                 sync_barrier: None,
+                sync_barrier_ns: None,
             }),
             ..Default::default()
         },
