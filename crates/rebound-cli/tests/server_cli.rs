@@ -116,6 +116,35 @@ fn server_init_run_and_client_commands() {
     let sites: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
     assert_eq!(sites.as_array().unwrap().len(), 2);
 
+    // Tokens: a viewer token reads but cannot act; revoked, it is refused.
+    let o = rebound(
+        &[
+            "tokens", "--output", "json", "create", "auditor", "--scope", "viewer",
+        ],
+        url,
+        t,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let tok: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let viewer = tok["token"].as_str().unwrap().to_string();
+    let viewer_id = tok["id"].as_str().unwrap().to_string();
+    let o = rebound(&["sites"], url, Some(&viewer));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = rebound(
+        &["sites", "add", "x", "--role", "primary"],
+        url,
+        Some(&viewer),
+    );
+    assert_eq!(o.status.code(), Some(3));
+    assert!(stderr(&o).contains("E4002"), "{}", stderr(&o));
+    let o = rebound(&["tokens"], url, t);
+    assert!(stdout(&o).contains("auditor"), "{}", stdout(&o));
+    let o = rebound(&["tokens", "revoke", &viewer_id], url, t);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = rebound(&["sites"], url, Some(&viewer));
+    assert_eq!(o.status.code(), Some(3));
+    assert!(stderr(&o).contains("E4001"), "{}", stderr(&o));
+
     let o = rebound(
         &[
             "policies",

@@ -30,6 +30,8 @@ pub struct Conn {
 
 #[derive(clap::Subcommand)]
 pub enum Command {
+    /// API tokens: list, create (shown once), revoke. Admin only.
+    Tokens(Tokens),
     /// List sites, or add one.
     Sites(Sites),
     /// Process servers, master targets and agents, with their health.
@@ -62,6 +64,26 @@ pub enum Command {
     Cancel(Cancel),
     /// Job history, one job, or watch a job with a progress bar.
     Jobs(Jobs),
+}
+
+#[derive(clap::Args)]
+pub struct Tokens {
+    #[command(flatten)]
+    conn: Conn,
+    #[command(subcommand)]
+    cmd: Option<TokensCmd>,
+}
+#[derive(clap::Subcommand)]
+enum TokensCmd {
+    /// Create a token for a person or a script; it is printed once.
+    Create {
+        name: String,
+        /// admin, operator or viewer.
+        #[arg(long, default_value = "operator")]
+        scope: Scope,
+    },
+    /// Revoke a token by id (its holder is refused from now on).
+    Revoke { id: String },
 }
 
 #[derive(clap::Args)]
@@ -363,6 +385,14 @@ impl Api {
     }
 
     async fn call<T: DeserializeOwned>(&self, rb: reqwest::RequestBuilder) -> anyhow::Result<T> {
+        let bytes = self.send(rb).await?;
+        serde_json::from_slice(&bytes).map_err(|e| {
+            Failure::new(ErrorCode::BadResponse, format!("decoding the answer: {e}")).into()
+        })
+    }
+
+    /// Send a request; the body of a successful answer, or its coded error.
+    async fn send(&self, rb: reqwest::RequestBuilder) -> anyhow::Result<Vec<u8>> {
         let resp = rb.bearer_auth(&self.token).send().await.map_err(|e| {
             Failure::new(
                 ErrorCode::ConnectFailed,
@@ -387,9 +417,13 @@ impl Api {
                 .into()),
             };
         }
-        serde_json::from_slice(&bytes).map_err(|e| {
-            Failure::new(ErrorCode::BadResponse, format!("decoding the answer: {e}")).into()
-        })
+        Ok(bytes.to_vec())
+    }
+
+    async fn delete(&self, path: &str) -> anyhow::Result<()> {
+        self.send(self.http.delete(format!("{}{path}", self.base)))
+            .await
+            .map(|_| ())
     }
 
     async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
@@ -664,6 +698,47 @@ pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
 
 async fn run_async(cmd: Command) -> anyhow::Result<ExitCode> {
     match cmd {
+        Command::Tokens(a) => {
+            let api = Api::new(&a.conn)?;
+            match a.cmd {
+                Some(TokensCmd::Create { name, scope }) => {
+                    let t: TokenInfo = api.post("/tokens", &NewToken { name, scope }).await?;
+                    if api.json {
+                        print_json(&t)?;
+                    } else {
+                        println!("token {} ({}, {}) created:", t.name, t.scope, t.id);
+                        println!("{}", t.token.as_deref().unwrap_or(""));
+                        println!("keep it now: it is stored hashed and cannot be shown again");
+                    }
+                }
+                Some(TokensCmd::Revoke { id }) => {
+                    api.delete(&format!("/tokens/{}", enc(&id))).await?;
+                    if !api.json {
+                        println!("token {id} revoked");
+                    }
+                }
+                None => {
+                    let ts: Vec<TokenInfo> = api.get("/tokens").await?;
+                    if api.json {
+                        print_json(&ts)?;
+                    } else {
+                        table(
+                            &["id", "name", "scope", "created"],
+                            ts.iter()
+                                .map(|t| {
+                                    vec![
+                                        t.id.clone(),
+                                        t.name.clone(),
+                                        t.scope.to_string(),
+                                        t.created_at.clone(),
+                                    ]
+                                })
+                                .collect(),
+                        );
+                    }
+                }
+            }
+        }
         Command::Sites(a) => {
             let api = Api::new(&a.conn)?;
             if let Some(SitesCmd::Add { name, role }) = a.add {
