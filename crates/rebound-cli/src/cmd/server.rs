@@ -119,11 +119,24 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 let store = Store::open(&loc.url()?).await.map_err(store_err)?;
                 let done = rebound_server::init(&store).await.map_err(coded)?;
                 store.close().await;
-                // Printed once; only their hashes are stored.
-                println!("configuration server initialised");
-                println!("admin token:      {}", done.admin_token);
-                println!("registration key: {}", done.registration_key);
-                println!("keep both now: they are stored hashed and cannot be shown again");
+                // Printed once; only their hashes are stored. A closed
+                // stdout (e.g. `| head -1`) is an error with a remedy, not a
+                // panic.
+                let text = format!(
+                    "configuration server initialised\nadmin token:      {}\nregistration key: {}\nkeep both now: they are stored hashed and cannot be shown again\n",
+                    done.admin_token, done.registration_key
+                );
+                let mut out = std::io::stdout().lock();
+                std::io::Write::write_all(&mut out, text.as_bytes())
+                    .and_then(|_| std::io::Write::flush(&mut out))
+                    .map_err(|e| {
+                        Failure::new(
+                            ErrorCode::DataDirState,
+                            format!(
+                                "the database is initialised but its secrets could not be printed ({e}); remove it and run init again with stdout kept open"
+                            ),
+                        )
+                    })?;
                 Ok(ExitCode::SUCCESS)
             }
             Command::Run(a) => {
