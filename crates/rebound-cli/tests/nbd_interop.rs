@@ -4,12 +4,16 @@
 //! skipped silently.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
+use common::Agent;
+
 use rebound_agent::{DirtyTracker, Marker};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
 
 const MIB: u64 = 1 << 20;
 
@@ -35,80 +39,6 @@ fn run(cmd: &mut Command) -> Output {
         String::from_utf8_lossy(&out.stderr)
     );
     out
-}
-
-struct Agent {
-    child: Option<Child>,
-    sock: PathBuf,
-}
-
-impl Agent {
-    fn start(dir: &Path, disks: &[&Path], extra: &[&str]) -> Agent {
-        let sock = dir.join(format!("agent-{}.sock", std::process::id()));
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_rebound"));
-        cmd.arg("agent").arg("export");
-        for d in disks {
-            cmd.arg(d);
-        }
-        cmd.arg("--listen")
-            .arg(format!("unix:{}", sock.display()))
-            .args(extra);
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn rebound");
-        let mut first = String::new();
-        BufReader::new(child.stdout.take().expect("stdout"))
-            .read_line(&mut first)
-            .expect("read stdout");
-        assert!(
-            first.starts_with("listening on unix:"),
-            "unexpected first line {first:?}"
-        );
-        Agent {
-            child: Some(child),
-            sock,
-        }
-    }
-
-    fn uri(&self, export: &str) -> String {
-        format!("nbd+unix:///{export}?socket={}", self.sock.display())
-    }
-
-    fn signal(&mut self, sig: rustix::process::Signal) -> std::process::ExitStatus {
-        let mut child = self.child.take().expect("running");
-        let pid = rustix::process::Pid::from_child(&child);
-        rustix::process::kill_process(pid, sig).expect("signal the agent");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(st) = child.try_wait().expect("wait") {
-                return st;
-            }
-            assert!(Instant::now() < deadline, "agent did not stop");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// SIGTERM: a clean stop must exit 0.
-    fn stop(mut self) {
-        let st = self.signal(rustix::process::Signal::TERM);
-        assert!(st.success(), "agent exited with {st}");
-    }
-
-    /// SIGKILL: the crash case.
-    fn kill(mut self) {
-        self.signal(rustix::process::Signal::KILL);
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
 }
 
 /// A deterministic image: 4 KiB blocks of varying bytes, with zero stretches
@@ -484,7 +414,7 @@ fn garbage_truncation_and_mid_write_disconnects_leave_server_and_disk_intact() {
     std::fs::copy(&src, &disk).unwrap();
     let agent = Agent::start(dir.path(), &[&disk], &[]);
     let connect = || {
-        let mut s = UnixStream::connect(&agent.sock).unwrap();
+        let mut s = UnixStream::connect(agent.socket()).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let mut greeting = [0u8; 18];
         s.read_exact(&mut greeting).unwrap();

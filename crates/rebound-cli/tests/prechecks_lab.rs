@@ -12,7 +12,7 @@
 use anyhow::{Context, anyhow, bail, ensure};
 use rebound_api::{ActionRequest, Failure, Group, Item, Job, NewGroup, OsType};
 use rebound_node::client::CallError;
-use rebound_node::machine::{self, DiskEntry, Machine, Manifest};
+use rebound_node::machine::Machine;
 use rebound_node::node::NodeInfo;
 use rebound_testkit::lab::{Lab, LabConfig, wait_for};
 use std::path::{Path, PathBuf};
@@ -69,38 +69,6 @@ fn running_item(lab: &Lab, a: &NodeInfo, name: &str) -> anyhow::Result<(Machine,
     let (m, man) = lab.create_machine(a, name, &[("disk0", 4 * MIB)], true)?;
     let item = lab.add_item(&man, true)?;
     Ok((m, item))
-}
-
-/// A machine of the given OS (the lab's helper makes Linux machines only).
-fn create_machine_os(
-    node: &NodeInfo,
-    name: &str,
-    os: OsType,
-    disks: &[(&str, u64)],
-    run: bool,
-) -> anyhow::Result<(Machine, Manifest)> {
-    let man = Manifest {
-        name: name.into(),
-        os,
-        disks: disks
-            .iter()
-            .map(|(n, s)| DiskEntry {
-                name: n.to_string(),
-                uuid: machine::new_uuid(),
-                size_bytes: *s,
-            })
-            .collect(),
-        workload: None,
-        after_point_ns: None,
-    };
-    let m = machine::create(&node.host_dir, &man)?;
-    if run {
-        rebound_disk::crashsafe::write_file_durable(&m.dir.join("want-running"), b"1\n")?;
-        wait_for(Duration::from_secs(30), &format!("{name} to run"), || {
-            Ok(m.is_running().then_some(()))
-        })?;
-    }
-    Ok((m, man))
 }
 
 /// Submit an action that the prechecks must refuse; returns the failures.
@@ -476,7 +444,7 @@ fn windows_machine_to_a_linux_master_target_is_refused_with_4011() {
     in_lab("os-mismatch", |dir| {
         let (lab, a, b) = start(dir, &[])?;
         let (_vm, man) =
-            create_machine_os(&a, "win1", OsType::Windows, &[("disk0", 4 * MIB)], true)?;
+            lab.create_machine_os(&a, "win1", OsType::Windows, &[("disk0", 4 * MIB)], true)?;
         let item = lab.add_item(&man, true)?;
         ensure!(item.os == OsType::Windows);
         let f = expect_refused(&lab, &item, &lab.protect_request(&a, &b), &[4011])?;
@@ -494,7 +462,7 @@ fn group_with_mixed_os_is_refused_with_4016() {
         let (lab, a, _b) = start(dir, &[])?;
         let (_l, lin) = lab.create_machine(&a, "lin1", &[("disk0", 4 * MIB)], false)?;
         let (_w, win) =
-            create_machine_os(&a, "win1", OsType::Windows, &[("disk0", 4 * MIB)], false)?;
+            lab.create_machine_os(&a, "win1", OsType::Windows, &[("disk0", 4 * MIB)], false)?;
         let lin = lab.add_item(&lin, false)?;
         let win = lab.add_item(&win, false)?;
         let req = NewGroup {

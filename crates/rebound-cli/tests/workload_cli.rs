@@ -4,10 +4,14 @@
 //! workload ends cleanly on SIGTERM and when the export goes away.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
+use common::Agent;
+
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 const SIZE: u64 = 16 << 20;
@@ -23,78 +27,6 @@ fn text(out: &Output) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     )
-}
-
-struct Agent {
-    child: Option<Child>,
-    sock: PathBuf,
-}
-
-impl Agent {
-    fn start(dir: &Path, disks: &[&Path]) -> Agent {
-        let sock = dir.join("agent.sock");
-        let mut cmd = rebound();
-        cmd.arg("agent").arg("export");
-        for d in disks {
-            cmd.arg(d);
-        }
-        cmd.arg("--listen")
-            .arg(format!("unix:{}", sock.display()))
-            .arg("--state-dir")
-            .arg(dir);
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn rebound agent export");
-        let mut first = String::new();
-        BufReader::new(child.stdout.take().expect("stdout"))
-            .read_line(&mut first)
-            .expect("read stdout");
-        assert!(
-            first.starts_with("listening on unix:"),
-            "unexpected first line {first:?}"
-        );
-        Agent {
-            child: Some(child),
-            sock,
-        }
-    }
-
-    fn uri(&self, export: &str) -> String {
-        format!("nbd+unix:///{export}?socket={}", self.sock.display())
-    }
-
-    fn stop(mut self) {
-        let child = self.child.take().expect("running");
-        assert!(terminate(child).success(), "agent did not stop cleanly");
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// SIGTERM and wait (30 s at most).
-fn terminate(mut child: Child) -> std::process::ExitStatus {
-    let pid = rustix::process::Pid::from_child(&child);
-    rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("signal");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(st) = child.try_wait().expect("wait") {
-            return st;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("process did not stop after SIGTERM");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 struct Setup {
@@ -120,7 +52,11 @@ impl Setup {
 
     fn agent(&self) -> Agent {
         let disks: Vec<&Path> = self.images.iter().map(PathBuf::as_path).collect();
-        Agent::start(self.dir.path(), &disks)
+        Agent::start(
+            self.dir.path(),
+            &disks,
+            &["--state-dir", &self.dir.path().display().to_string()],
+        )
     }
 
     fn workload(&self, agent: &Agent, extra: &[&str]) -> Command {
@@ -357,7 +293,7 @@ fn workload_stops_on_sigterm_and_on_disconnect() {
         "{first}"
     );
     std::thread::sleep(Duration::from_millis(700));
-    let st = terminate(child);
+    let st = common::signal_and_wait(child, rustix::process::Signal::TERM);
     let mut rest = String::new();
     stdout.read_to_string(&mut rest).unwrap();
     assert!(st.success(), "workload exited {st}: {rest}");
@@ -445,7 +381,7 @@ fn workload_against_qemu_nbd() {
         .arg(&s.log)
         .output()
         .unwrap();
-    let st = terminate(child);
+    let st = common::signal_and_wait(child, rustix::process::Signal::TERM);
     assert!(out.status.success(), "{}", text(&out));
     assert!(st.success() || st.code().is_none(), "qemu-nbd: {st}");
     let out = rebound()

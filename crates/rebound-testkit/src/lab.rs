@@ -277,9 +277,21 @@ impl Lab {
         disks: &[(&str, u64)],
         run: bool,
     ) -> anyhow::Result<(Machine, Manifest)> {
+        self.create_machine_os(node, name, rebound_api::OsType::Linux, disks, run)
+    }
+
+    /// [`Lab::create_machine`] with another OS type.
+    pub fn create_machine_os(
+        &self,
+        node: &NodeInfo,
+        name: &str,
+        os: rebound_api::OsType,
+        disks: &[(&str, u64)],
+        run: bool,
+    ) -> anyhow::Result<(Machine, Manifest)> {
         let man = Manifest {
             name: name.into(),
-            os: rebound_api::OsType::Linux,
+            os,
             disks: disks
                 .iter()
                 .map(|(n, s)| DiskEntry {
