@@ -33,6 +33,10 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tracing::{debug, info, info_span, warn};
 
+/// How often the agent reads its item and its work from the configuration
+/// server (its local checks run every 200 ms).
+const POLL_EVERY: Duration = Duration::from_millis(500);
+
 /// The manifest's copy on the agent's data port.
 pub const MANIFEST_COPY: &str = "manifest.json";
 
@@ -538,6 +542,7 @@ impl Agent {
     fn main_loop(&mut self, shutdown: &AtomicBool) -> anyhow::Result<()> {
         let mut last_hb = Instant::now() - self.cfg.heartbeat;
         let mut last_cycle = Instant::now();
+        let mut last_poll = Instant::now() - POLL_EVERY;
         while !shutdown.load(SeqCst) {
             if let Some(c) = &mut self.workload
                 && let Ok(Some(status)) = c.try_wait()
@@ -545,14 +550,22 @@ impl Agent {
                 info!(%status, "workload exited");
                 self.workload = None;
             }
-            self.refresh_item();
+            // The configuration server is asked at its own pace: thousands
+            // of agents poll it.
+            let polled = last_poll.elapsed() >= POLL_EVERY;
+            if polled {
+                last_poll = Instant::now();
+                self.refresh_item();
+            }
             let barrier_changed = self.track_sync_barrier();
             let suspension_changed = self.track_suspended();
             if barrier_changed || suspension_changed || last_hb.elapsed() >= self.cfg.heartbeat {
                 self.heartbeat();
                 last_hb = Instant::now();
             }
-            self.do_work();
+            if polled {
+                self.do_work();
+            }
             if self.should_replicate() && last_cycle.elapsed() >= self.cfg.interval {
                 last_cycle = Instant::now();
                 if let Err(e) = self.cycle() {
@@ -593,7 +606,10 @@ impl Agent {
     fn refresh_item(&mut self) {
         match self.api.item(&self.manifest.name) {
             Ok(item) => {
-                let ours = self.our_role(&item) == Some(item.active_site);
+                let role = self.our_role(&item);
+                let ours = role == Some(item.active_site)
+                    || (item.state.phase == Phase::FailingOver
+                        && role == Some(item.state.direction.target()));
                 if ours && !self.stopped && item.agent_id.as_deref() != Some(&self.id.component_id)
                 {
                     match self.api.attach_agent(&item.id) {

@@ -647,11 +647,16 @@ pub async fn attach_agent(
         .component(&agent_id)
         .await?
         .ok_or_else(|| not_found("component", &agent_id))?;
-    let active_site_id = match item.active_site {
+    let site_id = |role| match role {
         rebound_api::SiteRole::Primary => &item.primary_site_id,
         rebound_api::SiteRole::Recovery => &item.recovery_site_id,
     };
-    if &agent.site_id != active_site_id {
+    // While a failover's last steps start the machine at its target, the
+    // new agent may attach at once: the next job must not find the stopped
+    // source's agent.
+    let starting_at_target = item.state.phase == rebound_api::Phase::FailingOver
+        && &agent.site_id == site_id(item.state.direction.target());
+    if &agent.site_id != site_id(item.active_site) && !starting_at_target {
         return Err(AppError::new(
             ErrorCode::ActionNotAllowed,
             format!(
