@@ -42,8 +42,13 @@ pub(crate) struct DestOutcome {
 struct Pending {
     buf: Buf,
     tree: Option<ChunkTree>,
+    /// Data received for the chunk, laid into `buf` by a finalizer: the
+    /// thread that reads the connection only keeps accounts.
+    data: Vec<(usize, Vec<u8>)>,
     writes: Vec<Range<usize>>,
     zeros: Vec<Range<usize>>,
+    /// A full copy's chunk: `buf` starts with unspecified bytes.
+    full: bool,
 }
 
 struct Job {
@@ -181,7 +186,7 @@ fn run_inner(
                     stats.bytes_read += c.data.iter().map(|r| (r.end - r.start) as u64).sum::<u64>();
                     let tree = c.tree.ok_or_else(|| SyncError::Invalid("chunk not hashed".into()))?;
                     tops.insert(c.idx, tree.top);
-                    pending.insert(c.idx, Pending { buf: c.buf, tree: Some(tree), writes: vec![], zeros: vec![] });
+                    pending.insert(c.idx, Pending { buf: c.buf, tree: Some(tree), data: vec![], writes: vec![], zeros: vec![], full: false });
                     // Batch top hashes, but never sit on them while the reader is idle.
                     if chunks.is_empty() || tops.len() >= TOP_BATCH {
                         let mut batch = Vec::new();
@@ -249,16 +254,15 @@ fn run_inner(
                         received.leaves_differing += leaves(bytes.len() as u64);
                         received.bytes_differing += bytes.len() as u64;
                         received.data_bytes += bytes.len() as u64;
-                        p.buf[r.clone()].copy_from_slice(&bytes);
-                        p.writes.push(r);
+                        p.data.push((r.start, bytes));
+                        push_run(&mut p.writes, r);
                     }
                     Msg::Zero { offset, len } => {
                         let (p, r) = target(&mut pending, &pool, dst, offset, len)?;
                         received.leaves_differing += leaves(len);
                         received.bytes_differing += len;
                         received.zero_bytes += len;
-                        p.buf[r.clone()].fill(0);
-                        p.zeros.push(r);
+                        push_run(&mut p.zeros, r);
                     }
                     Msg::ChunkEnd { chunk, blake3 } => {
                         if chunk >= n || chunk < dst.start {
@@ -267,9 +271,8 @@ fn run_inner(
                         let p = match pending.remove(&chunk) {
                             Some(p) => p,
                             None if dst.full => {
-                                let mut buf = pool.take(chunk_len(dst.size, chunk));
-                                buf.fill(0);
-                                Pending { buf, tree: None, writes: vec![], zeros: vec![] }
+                                let buf = pool.take(chunk_len(dst.size, chunk));
+                                Pending { buf, tree: None, data: vec![], writes: vec![], zeros: vec![], full: true }
                             }
                             None => return Err(violation(format!("end of chunk {chunk}, which is not pending"))),
                         };
@@ -291,6 +294,32 @@ fn run_inner(
 
 fn violation(s: String) -> SyncError {
     SyncError::Wire(WireError::Protocol(s))
+}
+
+/// Zero the bytes of a full copy's chunk that no `Data` or `Zero` covered.
+fn fill_gaps(p: &mut Pending) {
+    let mut covered: Vec<Range<usize>> = p.writes.iter().chain(&p.zeros).cloned().collect();
+    covered.sort_by_key(|r| r.start);
+    let mut pos = 0;
+    for r in covered {
+        if r.start > pos {
+            p.buf[pos..r.start].fill(0);
+        }
+        pos = pos.max(r.end);
+    }
+    let len = p.buf.len();
+    if pos < len {
+        p.buf[pos..].fill(0);
+    }
+}
+
+/// Append `r`, merged into the last run when it continues it: a chunk sent
+/// as several frames is written with one call.
+fn push_run(runs: &mut Vec<Range<usize>>, r: Range<usize>) {
+    match runs.last_mut() {
+        Some(last) if last.end == r.start => last.end = r.end,
+        _ => runs.push(r),
+    }
 }
 
 fn tree_of(pending: &HashMap<u64, Pending>, chunk: u64) -> Result<&ChunkTree, SyncError> {
@@ -328,13 +357,16 @@ fn target<'a>(
                 "data for chunk {chunk}, which is not pending"
             )));
         }
-        let mut buf = pool.take(chunk_len(dst.size, chunk));
-        buf.fill(0);
+        // Not zeroed: a full copy covers every byte of the chunk with `Data`
+        // and `Zero`, and `fill_gaps` zeroes whatever a peer left out.
+        let buf = pool.take(chunk_len(dst.size, chunk));
         e.insert(Pending {
             buf,
             tree: None,
+            data: vec![],
             writes: vec![],
             zeros: vec![],
+            full: true,
         });
     }
     let p = pending
@@ -378,6 +410,9 @@ fn spawn_syncer(disk: Option<Arc<Disk>>, mut state: Option<SideState>) -> Syncer
     (tx, done_rx, handle)
 }
 
+/// Writes at least this long go to the disk directly (see `finalize`).
+const DIRECT_WRITE_MIN: usize = 1 << 20;
+
 /// Threads that write a finished chunk's changes and hash its final content.
 fn spawn_finalizers(
     disk: Option<Arc<Disk>>,
@@ -403,18 +438,38 @@ fn spawn_finalizers(
     (jtx, rrx)
 }
 
-fn finalize(disk: Option<&Disk>, dry_run: bool, job: Job) -> Result<Done, SyncError> {
+fn finalize(disk: Option<&Disk>, dry_run: bool, mut job: Job) -> Result<Done, SyncError> {
     let base = job.idx * CHUNK_SIZE;
+    let p = &mut job.p;
+    // The chunk's final content: what the destination had (or zeros, for a
+    // full copy's gaps), with the zero runs and the data received laid over.
+    if p.full {
+        fill_gaps(p);
+    }
+    for z in &p.zeros {
+        p.buf[z.clone()].fill(0);
+    }
+    for (at, bytes) in p.data.drain(..) {
+        p.buf[at..at + bytes.len()].copy_from_slice(&bytes);
+    }
     let (mut written, mut zeroed) = (0, 0);
     if !dry_run {
         let disk = disk.ok_or_else(|| SyncError::Invalid("no destination disk".into()))?;
-        for w in &job.p.writes {
-            disk.write_at(&job.p.buf[w.clone()], base + w.start as u64)?;
-            written += (w.end - w.start) as u64;
-        }
+        // Zeros first: where a (faulty) peer overlapped the two, the disk
+        // ends as `buf` does, and `buf` is what gets hashed.
         for z in &job.p.zeros {
             disk.zero_range(base + z.start as u64..base + z.end as u64)?;
             zeroed += (z.end - z.start) as u64;
+        }
+        for w in &job.p.writes {
+            // Long runs (full copies, big changes) bypass the page cache; a
+            // direct write waits for the disk, so scattered leaves do not.
+            if w.len() >= DIRECT_WRITE_MIN {
+                disk.write_aligned(&job.p.buf[w.clone()], base + w.start as u64)?;
+            } else {
+                disk.write_at(&job.p.buf[w.clone()], base + w.start as u64)?;
+            }
+            written += (w.end - w.start) as u64;
         }
     }
     let blake3 = *blake3::hash(&job.p.buf).as_bytes();

@@ -4,11 +4,15 @@
 
 use crate::tree::{ChunkTree, TreeHasher};
 use crossbeam_channel::{Receiver, Sender, bounded};
-use rebound_disk::{Disk, DiskError};
+use rebound_disk::{DIRECT_ALIGN, Disk, DiskError};
 use rebound_types::CHUNK_SIZE;
 use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+
+/// Bytes behind each buffer: a whole chunk plus the slack that lets it
+/// start on a [`DIRECT_ALIGN`] boundary.
+const BACKING: usize = CHUNK_SIZE as usize + DIRECT_ALIGN;
 
 /// A bounded pool of chunk buffers. Taking blocks once all are in use.
 #[derive(Clone)]
@@ -30,43 +34,64 @@ impl BufPool {
         }
     }
 
-    /// A buffer of `len` bytes (content unspecified).
+    /// A buffer of `len` bytes, at most a chunk (content unspecified).
     pub fn take(&self, len: usize) -> Buf {
-        let mut v = match self.rx.try_recv() {
+        let data = match self.rx.try_recv() {
             Ok(v) => v,
-            Err(_) if self.made.fetch_add(1, Ordering::Relaxed) < self.limit => {
-                Vec::with_capacity(CHUNK_SIZE as usize)
-            }
+            Err(_) if self.made.fetch_add(1, Ordering::Relaxed) < self.limit => vec![0; BACKING],
             Err(_) => {
                 // Everything made is in use: wait for one to come back.
                 self.made.fetch_sub(1, Ordering::Relaxed);
-                self.rx.recv().unwrap_or_default()
+                self.rx.recv().unwrap_or_else(|_| vec![0; BACKING])
             }
         };
-        v.resize(len, 0);
-        Buf {
-            data: v,
+        // The backing never grows, so the aligned start never moves.
+        let off = data.as_ptr().align_offset(DIRECT_ALIGN);
+        let mut buf = Buf {
+            data,
+            off,
+            len: 0,
             pool: self.tx.clone(),
-        }
+        };
+        buf.set_len(len);
+        buf
     }
 }
 
-/// A pooled buffer; goes back to its pool when dropped.
+/// A pooled chunk buffer starting on a [`DIRECT_ALIGN`] boundary (so that
+/// reads into it can bypass the page cache); goes back to its pool when
+/// dropped.
 pub struct Buf {
     data: Vec<u8>,
+    off: usize,
+    len: usize,
     pool: Sender<Vec<u8>>,
 }
 
+impl Buf {
+    /// Change the length (at most a chunk); new bytes are unspecified.
+    pub fn set_len(&mut self, len: usize) {
+        self.len = len.min(CHUNK_SIZE as usize);
+    }
+
+    /// `range` of the buffer, which may run past its length up to a whole
+    /// chunk: room for reads rounded up to the alignment.
+    fn span_mut(&mut self, range: Range<usize>) -> &mut [u8] {
+        let end = range.end.min(CHUNK_SIZE as usize);
+        &mut self.data[self.off + range.start.min(end)..self.off + end]
+    }
+}
+
 impl std::ops::Deref for Buf {
-    type Target = Vec<u8>;
-    fn deref(&self) -> &Vec<u8> {
-        &self.data
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.data[self.off..self.off + self.len]
     }
 }
 
 impl std::ops::DerefMut for Buf {
-    fn deref_mut(&mut self) -> &mut Vec<u8> {
-        &mut self.data
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.data[self.off..self.off + self.len]
     }
 }
 
@@ -156,7 +181,7 @@ pub fn spawn(
 
 fn read_chunk(disk: Option<&Disk>, size: u64, idx: u64, mut buf: Buf) -> Result<Chunk, DiskError> {
     let len = chunk_len(size, idx);
-    buf.resize(len, 0);
+    buf.set_len(len);
     let start = idx * CHUNK_SIZE;
     let mut data = Vec::new();
     if let Some(disk) = disk {
@@ -165,12 +190,18 @@ fn read_chunk(disk: Option<&Disk>, size: u64, idx: u64, mut buf: Buf) -> Result<
             data.push((ext.start - start) as usize..(ext.end - start) as usize);
         }
     }
-    // Holes are zero-filled in memory, data is read: each byte once.
+    // Holes are zero-filled in memory, data is read: each byte once. Reads
+    // are widened to the alignment (extents are filesystem blocks, so this
+    // only rounds the end of the disk up) and so bypass the page cache.
     let mut pos = 0;
     for r in &data {
-        buf[pos..r.start].fill(0);
+        if pos < r.start {
+            buf[pos..r.start].fill(0);
+        }
         if let Some(disk) = disk {
-            disk.read_at(&mut buf[r.clone()], start + r.start as u64)?;
+            let a = r.start / DIRECT_ALIGN * DIRECT_ALIGN;
+            let b = r.end.next_multiple_of(DIRECT_ALIGN);
+            disk.read_aligned(buf.span_mut(a..b), start + a as u64)?;
         }
         pos = r.end;
     }

@@ -163,6 +163,26 @@ proptest! {
         prop_assert_eq!(again.leaves_differing, 0);
         prop_assert!(std::fs::read_dir(dir.path().join("state/sync")).map(|d| d.count()).unwrap_or(0) == 0);
     }
+
+    #[test]
+    fn full_copy_over_a_different_destination_makes_identical(
+        regions in proptest::collection::vec(region(), 0..12),
+        changes in proptest::collection::vec(change(), 1..40),
+        seed in any::<u64>(),
+    ) {
+        // The destination has data where the source has holes and zero runs:
+        // a full copy must overwrite all of it, not only what it sends as data.
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        let size = write_image(&a, &regions, seed);
+        std::fs::copy(&a, &b).unwrap();
+        apply(&b, &changes, size);
+        write_image(&b, &regions, seed ^ 0x5555);
+        let opts = Options { tuning: small_tuning(), full: true, ..Options::default() };
+        let r = rebound_delta::sync_local(&a, &b, &opts, None).unwrap();
+        prop_assert!(r.identical);
+        prop_assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+    }
 }
 
 fn server(root: &Path) -> (u16, Token) {

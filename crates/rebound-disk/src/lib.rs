@@ -7,5 +7,5 @@ mod disk;
 mod error;
 pub mod zeroing;
 
-pub use disk::{Disk, DiskKind, is_zero};
+pub use disk::{DIRECT_ALIGN, Disk, DiskKind, is_zero};
 pub use error::DiskError;

@@ -1,11 +1,13 @@
 //! A connection's two directions, each on its own threads, so that reading,
 //! encoding (compression, checksums) and writing overlap with the caller's work.
 
-use crate::frame::encode_frame_reporting;
+use crate::frame::encode_frame_in;
 use crate::{Compression, Msg, WireError, read_frame};
 
 /// Frames sent uncompressed after one that did not compress.
 const BACKOFF_FRAMES: u32 = 16;
+/// Written frame buffers kept for reuse.
+const RECYCLED_FRAMES: usize = 8;
 use crossbeam_channel::{Receiver, Sender, TryRecvError, bounded};
 use std::collections::BTreeMap;
 use std::io::{BufWriter, Read, Write};
@@ -48,11 +50,14 @@ pub fn spawn_writer(
     let encoders = encoders.max(1);
     let (job_tx, job_rx) = bounded::<(u64, Msg)>(4 * encoders + 16);
     let (frame_tx, frame_rx) = bounded::<(u64, Vec<u8>)>(4 * encoders + 16);
+    // Written frames go back to the encoders (a few, to bound memory).
+    let (spare_tx, spare_rx) = bounded::<Vec<u8>>(RECYCLED_FRAMES);
     let failure = Arc::new(Mutex::new(None));
     let mut threads = Vec::new();
     for _ in 0..encoders {
         let job_rx = job_rx.clone();
         let frame_tx = frame_tx.clone();
+        let spare_rx = spare_rx.clone();
         threads.push(std::thread::spawn(move || {
             // Adaptive: after a body that did not compress, send the next
             // few as they are (random data would only burn CPU), then try again.
@@ -64,7 +69,8 @@ pub fn spawn_writer(
                 } else {
                     Compression::None
                 };
-                let (frame, packed) = encode_frame_reporting(&msg, codec);
+                let spare = spare_rx.try_recv().unwrap_or_default();
+                let (frame, packed) = encode_frame_in(&msg, codec, spare);
                 if try_codec {
                     skip = match (codec == compression, packed) {
                         (true, false) => BACKOFF_FRAMES,
@@ -81,7 +87,7 @@ pub fn spawn_writer(
     drop(frame_tx);
     let fail = failure.clone();
     threads.push(std::thread::spawn(move || {
-        if let Err(e) = write_loop(stream, frame_rx, &counters)
+        if let Err(e) = write_loop(stream, frame_rx, spare_tx, &counters)
             && let Ok(mut slot) = fail.lock()
         {
             slot.get_or_insert(e);
@@ -98,6 +104,7 @@ pub fn spawn_writer(
 fn write_loop(
     stream: impl Write,
     frames: Receiver<(u64, Vec<u8>)>,
+    spare: Sender<Vec<u8>>,
     counters: &Counters,
 ) -> Result<(), WireError> {
     let mut out = BufWriter::with_capacity(256 << 10, stream);
@@ -124,6 +131,7 @@ fn write_loop(
             counters
                 .sent
                 .fetch_add(frame.len() as u64, Ordering::Relaxed);
+            let _ = spare.try_send(frame);
             next += 1;
         }
     }

@@ -1,5 +1,6 @@
 //! Frames: a 16-byte header (length, tag, codec, raw length, crc32c) and a body.
 
+use crate::msg::tag;
 use crate::{Compression, Msg, WireError};
 use std::io::Read;
 
@@ -33,25 +34,44 @@ pub fn encode_frame(msg: &Msg, compression: Compression) -> Vec<u8> {
     encode_frame_reporting(msg, compression).0
 }
 
-/// [`encode_frame`], also telling whether the body was compressed.
+/// [`encode_frame`], also telling whether the body was compressed. The body
+/// is encoded straight after room for the header, so block data is copied
+/// once on its way to the socket.
 pub fn encode_frame_reporting(msg: &Msg, compression: Compression) -> (Vec<u8>, bool) {
-    let (tag, raw) = msg.encode();
+    encode_frame_in(msg, compression, Vec::new())
+}
+
+/// [`encode_frame_reporting`] into `out`'s memory (its content is dropped):
+/// a sender that recycles frames does not fault in fresh pages per frame.
+pub(crate) fn encode_frame_in(
+    msg: &Msg,
+    compression: Compression,
+    mut out: Vec<u8>,
+) -> (Vec<u8>, bool) {
+    out.clear();
+    out.reserve(FRAME_HEADER_LEN + msg.encoded_len_hint());
+    out.resize(FRAME_HEADER_LEN, 0);
+    let tag = msg.encode_into(&mut out);
+    let raw_len = out.len() - FRAME_HEADER_LEN;
     let packed = if msg.compressible() {
-        compression.compress(&raw)
+        compression.compress(&out[FRAME_HEADER_LEN..])
     } else {
         None
     };
-    let (codec, body) = match &packed {
-        Some(c) => (compression, c.as_slice()),
-        None => (Compression::None, raw.as_slice()),
+    let codec = match &packed {
+        Some(c) => {
+            out.truncate(FRAME_HEADER_LEN);
+            out.extend_from_slice(c);
+            compression
+        }
+        None => Compression::None,
     };
-    let head = header_bytes(body.len() as u32, tag, codec.id(), raw.len() as u32);
+    let body_len = out.len() - FRAME_HEADER_LEN;
+    let head = header_bytes(body_len as u32, tag, codec.id(), raw_len as u32);
     let mut crc = crc32c::crc32c(&head);
-    crc = crc32c::crc32c_append(crc, body);
-    let mut out = Vec::with_capacity(FRAME_HEADER_LEN + body.len());
-    out.extend_from_slice(&head);
-    out.extend_from_slice(&crc.to_le_bytes());
-    out.extend_from_slice(body);
+    crc = crc32c::crc32c_append(crc, &out[FRAME_HEADER_LEN..]);
+    out[..12].copy_from_slice(&head);
+    out[12..FRAME_HEADER_LEN].copy_from_slice(&crc.to_le_bytes());
     (out, packed.is_some())
 }
 
@@ -93,22 +113,56 @@ pub fn read_frame(r: &mut impl Read) -> Result<(Msg, usize), WireError> {
     let mut h = [0u8; FRAME_HEADER_LEN];
     read_exact(r, &mut h, "between frames", "inside a frame header")?;
     let fh = decode_frame_header(&h)?;
-    let mut body = vec![0u8; fh.len as usize];
-    read_exact(r, &mut body, "inside a frame", "inside a frame")?;
     let mut crc = crc32c::crc32c(&h[..12]);
+    if fh.tag == tag::DATA && fh.codec == Compression::None && fh.len >= 8 {
+        // Block data lands in a buffer of its own, not copied out of the body.
+        let mut offset = [0u8; 8];
+        read_exact(r, &mut offset, "inside a frame", "inside a frame")?;
+        let bytes = read_vec(r, fh.len as usize - 8)?;
+        crc = crc32c::crc32c_append(crc32c::crc32c_append(crc, &offset), &bytes);
+        check_crc(crc, &fh)?;
+        let msg = Msg::Data {
+            offset: u64::from_le_bytes(offset),
+            bytes,
+        };
+        return Ok((msg, FRAME_HEADER_LEN + fh.len as usize));
+    }
+    let body = read_vec(r, fh.len as usize)?;
     crc = crc32c::crc32c_append(crc, &body);
+    check_crc(crc, &fh)?;
+    let raw = match fh.codec {
+        Compression::None => body,
+        c => c.decompress(&body, fh.raw_len as usize)?,
+    };
+    let msg = Msg::decode_owned(fh.tag, raw)?;
+    Ok((msg, FRAME_HEADER_LEN + fh.len as usize))
+}
+
+fn check_crc(crc: u32, fh: &FrameHeader) -> Result<(), WireError> {
     if crc != fh.crc {
         return Err(WireError::Corrupt(format!(
             "checksum mismatch on a frame of tag {:#04x}",
             fh.tag
         )));
     }
-    let raw = match fh.codec {
-        Compression::None => body,
-        c => c.decompress(&body, fh.raw_len as usize)?,
-    };
-    let msg = Msg::decode(fh.tag, &raw)?;
-    Ok((msg, FRAME_HEADER_LEN + fh.len as usize))
+    Ok(())
+}
+
+/// Read exactly `len` bytes into a new vector, without zeroing it first.
+fn read_vec(r: &mut impl Read, len: usize) -> Result<Vec<u8>, WireError> {
+    let mut v = Vec::with_capacity(len);
+    loop {
+        match r.by_ref().take((len - v.len()) as u64).read_to_end(&mut v) {
+            Ok(_) if v.len() == len => return Ok(v),
+            Ok(_) => {
+                return Err(WireError::Closed {
+                    during: "inside a frame",
+                });
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(WireError::io("inside a frame", e)),
+        }
+    }
 }
 
 /// Like `read_exact`, telling apart a clean close before the first byte from

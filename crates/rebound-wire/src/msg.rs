@@ -137,7 +137,7 @@ pub enum Msg {
     },
 }
 
-mod tag {
+pub(crate) mod tag {
     pub const HELLO: u8 = 0x01;
     pub const CHALLENGE: u8 = 0x02;
     pub const AUTH: u8 = 0x03;
@@ -310,10 +310,23 @@ impl Msg {
 
     /// The frame tag and the encoded body.
     pub fn encode(&self) -> (u8, Vec<u8>) {
-        let mut o = Out(Vec::with_capacity(match self {
+        let mut body = Vec::with_capacity(self.encoded_len_hint());
+        let t = self.encode_into(&mut body);
+        (t, body)
+    }
+
+    /// About how many bytes the body takes (exact for block data).
+    pub(crate) fn encoded_len_hint(&self) -> usize {
+        match self {
             Msg::Data { bytes, .. } => bytes.len() + 8,
             _ => 64,
-        }));
+        }
+    }
+
+    /// Append the encoded body to `out`; returns the frame tag. Lets a frame
+    /// be built in one buffer, header room first, without copying the body.
+    pub(crate) fn encode_into(&self, out: &mut Vec<u8>) -> u8 {
+        let mut o = Out(std::mem::take(out));
         let t = match self {
             Msg::Hello {
                 magic,
@@ -428,7 +441,26 @@ impl Msg {
                 tag::FINISHED
             }
         };
-        (t, o.0)
+        *out = o.0;
+        t
+    }
+
+    /// Decode a body received with frame tag `t`, taking it: block data keeps
+    /// the body's buffer instead of copying it.
+    pub(crate) fn decode_owned(t: u8, mut body: Vec<u8>) -> Result<Msg, WireError> {
+        if t != tag::DATA {
+            return Msg::decode(t, &body);
+        }
+        let offset = In {
+            buf: &body,
+            what: "data",
+        }
+        .u64()?;
+        body.drain(..8);
+        Ok(Msg::Data {
+            offset,
+            bytes: body,
+        })
     }
 
     /// Decode a body received with frame tag `t`.
