@@ -1,4 +1,18 @@
-//! Clean stops for long-running commands (agent, configuration server).
+//! Clean stops for long-running commands (agent, configuration server), and
+//! quiet ends for listing commands whose reader went away.
+
+/// For commands whose output is meant for pipes (`rebound items | head -1`):
+/// end quietly when the reader goes away, as Unix tools do, instead of
+/// panicking in `println!` on EPIPE. Only for commands that write to no
+/// socket with plain write(2) (TCP sends use MSG_NOSIGNAL): such a socket's
+/// peer closing would kill the process instead of giving a coded error.
+pub fn end_quietly_on_closed_stdout() {
+    // SAFETY: called at the start of main, before any thread exists, and
+    // SIG_DFL is a valid disposition for SIGPIPE; nothing else here sets it.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
 
 /// Register the SIGTERM and SIGINT handlers now, before the command says it is
 /// ready: a signal sent as soon as it listens must stop it cleanly, not kill

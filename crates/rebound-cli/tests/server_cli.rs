@@ -272,3 +272,21 @@ fn server_init_run_and_client_commands() {
     assert_eq!(o.status.code(), Some(3));
     assert!(stderr(&o).contains("E1106"), "{}", stderr(&o));
 }
+
+#[test]
+fn listing_into_a_closed_pipe_ends_quietly() {
+    // `rebound errors | head -0`: the reader is gone before the first line.
+    use std::os::unix::process::ExitStatusExt;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rebound"))
+        .arg("errors")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    const SIGPIPE: i32 = 13; // on Linux
+    assert_eq!(out.status.signal(), Some(SIGPIPE), "{:?}", out.status);
+}
