@@ -9,7 +9,7 @@ use crate::{SyncError, Tuning, root_of};
 use crossbeam_channel::{Receiver, Sender, bounded, select, unbounded};
 use rebound_disk::{Disk, DiskError};
 use rebound_types::{CHUNK_SIZE, chunk_count};
-use rebound_wire::{FrameReader, FrameWriter, Msg, SyncStats, WireError};
+use rebound_wire::{FrameReader, FrameWriter, Msg, Spares, SyncStats, WireError};
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 use std::sync::Arc;
@@ -134,7 +134,12 @@ fn run_inner(
             dst.tuning.hashers,
         )
     };
-    let (jobs_tx, results) = spawn_finalizers(dst.disk.clone(), dst.dry_run, dst.tuning.hashers);
+    let (jobs_tx, results) = spawn_finalizers(
+        dst.disk.clone(),
+        dst.dry_run,
+        dst.tuning.hashers,
+        rx.spares(),
+    );
 
     hashes.reserve(n as usize);
     let mut pending: HashMap<u64, Pending> = HashMap::new();
@@ -254,7 +259,7 @@ fn run_inner(
                         received.leaves_differing += leaves(bytes.len() as u64);
                         received.bytes_differing += bytes.len() as u64;
                         received.data_bytes += bytes.len() as u64;
-                        p.data.push((r.start, bytes));
+                        p.data.push((r.start, bytes.into_vec()));
                         push_run(&mut p.writes, r);
                     }
                     Msg::Zero { offset, len } => {
@@ -418,6 +423,7 @@ fn spawn_finalizers(
     disk: Option<Arc<Disk>>,
     dry_run: bool,
     threads: usize,
+    spares: Spares,
 ) -> (Sender<Job>, Receiver<Result<Done, SyncError>>) {
     let (jtx, jrx) = bounded::<Job>(threads * 2);
     let (rtx, rrx) = bounded(threads * 4);
@@ -425,9 +431,10 @@ fn spawn_finalizers(
         let jrx = jrx.clone();
         let rtx = rtx.clone();
         let disk = disk.clone();
+        let spares = spares.clone();
         std::thread::spawn(move || {
             for job in jrx {
-                let r = finalize(disk.as_deref(), dry_run, job);
+                let r = finalize(disk.as_deref(), dry_run, &spares, job);
                 let failed = r.is_err();
                 if rtx.send(r).is_err() || failed {
                     return;
@@ -438,7 +445,12 @@ fn spawn_finalizers(
     (jtx, rrx)
 }
 
-fn finalize(disk: Option<&Disk>, dry_run: bool, mut job: Job) -> Result<Done, SyncError> {
+fn finalize(
+    disk: Option<&Disk>,
+    dry_run: bool,
+    spares: &Spares,
+    mut job: Job,
+) -> Result<Done, SyncError> {
     let base = job.idx * CHUNK_SIZE;
     let p = &mut job.p;
     // The chunk's final content: what the destination had (or zeros, for a
@@ -451,6 +463,7 @@ fn finalize(disk: Option<&Disk>, dry_run: bool, mut job: Job) -> Result<Done, Sy
     }
     for (at, bytes) in p.data.drain(..) {
         p.buf[at..at + bytes.len()].copy_from_slice(&bytes);
+        spares.give(bytes);
     }
     let (mut written, mut zeroed) = (0, 0);
     if !dry_run {

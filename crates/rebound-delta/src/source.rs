@@ -1,13 +1,13 @@
 //! The source side of a sync: reads and hashes its disk, compares with the
 //! destination's hashes level by level, and sends what differs.
 
-use crate::pipeline::{self, BufPool, Chunk, Want};
-use crate::tree::{TreeHasher, ZERO};
+use crate::pipeline::{self, Buf, BufPool, Chunk, Want};
+use crate::tree::{ChunkTree, TreeHasher, ZERO};
 use crate::{Counts, Progress, SyncError, Tuning, root_of};
 use crossbeam_channel::{Receiver, select};
 use rebound_disk::{Disk, DiskError};
 use rebound_types::{CHUNK_SIZE, LEAF_SIZE, chunk_count};
-use rebound_wire::{FrameReader, FrameWriter, Msg, SyncStats};
+use rebound_wire::{FrameReader, FrameWriter, Msg, Payload, SyncStats};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -38,12 +38,21 @@ pub(crate) struct SourceOutcome {
 struct Run<'a> {
     src: &'a mut Source,
     tx: &'a mut FrameWriter,
-    pending: HashMap<u64, Chunk>,
+    pending: HashMap<u64, Held>,
     tops: HashMap<u64, u128>,
     /// BLAKE3 of every chunk, resumed ones first.
     hashes: Vec<Option<[u8; 32]>>,
     ended: u64,
     counts: Counts,
+}
+
+/// A chunk read and hashed, held until resolved. Its buffer is shared with
+/// the `Data` frames sent from it (no copy), and goes back to the pool when
+/// the last of them has been encoded.
+struct Held {
+    buf: Arc<Buf>,
+    tree: Option<ChunkTree>,
+    blake3: Option<[u8; 32]>,
 }
 
 pub(crate) fn run(
@@ -151,17 +160,22 @@ impl Run<'_> {
         if !self.src.tuning.chunk_delay.is_zero() {
             std::thread::sleep(self.src.tuning.chunk_delay);
         }
+        let held = Held {
+            buf: Arc::new(c.buf),
+            tree: c.tree,
+            blake3: c.blake3,
+        };
         if self.src.full {
-            let all: Vec<usize> = (0..c.buf.len().div_ceil(LEAF_SIZE as usize)).collect();
-            self.pending.insert(idx, c);
+            let all: Vec<usize> = (0..held.buf.len().div_ceil(LEAF_SIZE as usize)).collect();
+            self.pending.insert(idx, held);
             self.send_leaves(idx, &all)?;
             return self.end(idx);
         }
-        self.pending.insert(idx, c);
+        self.pending.insert(idx, held);
         self.resolve(idx)
     }
 
-    fn chunk(&self, idx: u64) -> Result<&Chunk, SyncError> {
+    fn chunk(&self, idx: u64) -> Result<&Held, SyncError> {
         self.pending.get(&idx).ok_or_else(|| {
             SyncError::Wire(rebound_wire::WireError::Protocol(format!(
                 "hashes for chunk {idx}, which is not pending"
@@ -169,7 +183,7 @@ impl Run<'_> {
         })
     }
 
-    fn tree(&self, idx: u64) -> Result<&crate::tree::ChunkTree, SyncError> {
+    fn tree(&self, idx: u64) -> Result<&ChunkTree, SyncError> {
         self.chunk(idx)?
             .tree
             .as_ref()
@@ -308,7 +322,7 @@ impl Run<'_> {
                     let e = (s + MAX_DATA).min(end);
                     msgs.push(Msg::Data {
                         offset: base + s as u64,
-                        bytes: c.buf[s..e].to_vec(),
+                        bytes: Payload::Shared(c.buf.clone(), s..e),
                     });
                     s = e;
                 }

@@ -426,7 +426,7 @@ fn corrupt_or_cut_frames_stop_the_sync_without_damage() {
         let f = rebound_wire::encode_frame(
             &rebound_wire::Msg::Data {
                 offset: 0,
-                bytes: vec![1; 4096],
+                bytes: vec![1; 4096].into(),
             },
             rebound_wire::Compression::None,
         );

@@ -2,7 +2,8 @@
 //! encoding (compression, checksums) and writing overlap with the caller's work.
 
 use crate::frame::encode_frame_in;
-use crate::{Compression, Msg, WireError, read_frame};
+use crate::frame::read_frame_into;
+use crate::{Compression, Msg, WireError};
 
 /// Frames sent uncompressed after one that did not compress.
 const BACKOFF_FRAMES: u32 = 16;
@@ -186,7 +187,23 @@ impl Drop for FrameWriter {
 pub struct FrameReader {
     pub rx: Receiver<Result<Msg, WireError>>,
     thread: Option<JoinHandle<()>>,
+    spares: Spares,
 }
+
+/// Where a consumer of `Msg::Data` hands back the bytes' buffer once used:
+/// the reader receives the next data into it instead of faulting in fresh
+/// pages for every frame. Giving is optional and never blocks.
+#[derive(Clone)]
+pub struct Spares(Sender<Vec<u8>>);
+
+impl Spares {
+    pub fn give(&self, v: Vec<u8>) {
+        let _ = self.0.try_send(v);
+    }
+}
+
+/// Data buffers kept for the reader.
+const SPARE_DATA: usize = 16;
 
 /// Start the receiving half on `stream`. The channel yields each message, then
 /// one error (a clean close shows as [`WireError::Closed`]) and ends.
@@ -195,10 +212,11 @@ pub fn spawn_reader(
     counters: Arc<Counters>,
 ) -> FrameReader {
     let (tx, rx) = bounded(64);
+    let (spare_tx, spare_rx) = bounded(SPARE_DATA);
     let thread = std::thread::spawn(move || {
         let mut stream = std::io::BufReader::with_capacity(256 << 10, &mut stream);
         loop {
-            match read_frame(&mut stream) {
+            match read_frame_into(&mut stream, Some(&spare_rx)) {
                 Ok((msg, n)) => {
                     counters.received.fetch_add(n as u64, Ordering::Relaxed);
                     if tx.send(Ok(msg)).is_err() {
@@ -215,10 +233,16 @@ pub fn spawn_reader(
     FrameReader {
         rx,
         thread: Some(thread),
+        spares: Spares(spare_tx),
     }
 }
 
 impl FrameReader {
+    /// A handle to give back data buffers (see [`Spares`]).
+    pub fn spares(&self) -> Spares {
+        self.spares.clone()
+    }
+
     /// Wait for the next message.
     pub fn recv(&self) -> Result<Msg, WireError> {
         match self.rx.recv() {

@@ -110,6 +110,15 @@ pub fn decode_frame_header(h: &[u8; FRAME_HEADER_LEN]) -> Result<FrameHeader, Wi
 /// Read one frame and decode its message. Returns the message and the number
 /// of bytes the frame took on the wire.
 pub fn read_frame(r: &mut impl Read) -> Result<(Msg, usize), WireError> {
+    read_frame_into(r, None)
+}
+
+/// [`read_frame`], receiving block data into a buffer from `spares` when one
+/// is there (see [`crate::Spares`]).
+pub(crate) fn read_frame_into(
+    r: &mut impl Read,
+    spares: Option<&crossbeam_channel::Receiver<Vec<u8>>>,
+) -> Result<(Msg, usize), WireError> {
     let mut h = [0u8; FRAME_HEADER_LEN];
     read_exact(r, &mut h, "between frames", "inside a frame header")?;
     let fh = decode_frame_header(&h)?;
@@ -118,16 +127,17 @@ pub fn read_frame(r: &mut impl Read) -> Result<(Msg, usize), WireError> {
         // Block data lands in a buffer of its own, not copied out of the body.
         let mut offset = [0u8; 8];
         read_exact(r, &mut offset, "inside a frame", "inside a frame")?;
-        let bytes = read_vec(r, fh.len as usize - 8)?;
+        let spare = spares.and_then(|s| s.try_recv().ok()).unwrap_or_default();
+        let bytes = read_vec(r, fh.len as usize - 8, spare)?;
         crc = crc32c::crc32c_append(crc32c::crc32c_append(crc, &offset), &bytes);
         check_crc(crc, &fh)?;
         let msg = Msg::Data {
             offset: u64::from_le_bytes(offset),
-            bytes,
+            bytes: bytes.into(),
         };
         return Ok((msg, FRAME_HEADER_LEN + fh.len as usize));
     }
-    let body = read_vec(r, fh.len as usize)?;
+    let body = read_vec(r, fh.len as usize, Vec::new())?;
     crc = crc32c::crc32c_append(crc, &body);
     check_crc(crc, &fh)?;
     let raw = match fh.codec {
@@ -148,9 +158,11 @@ fn check_crc(crc: u32, fh: &FrameHeader) -> Result<(), WireError> {
     Ok(())
 }
 
-/// Read exactly `len` bytes into a new vector, without zeroing it first.
-fn read_vec(r: &mut impl Read, len: usize) -> Result<Vec<u8>, WireError> {
-    let mut v = Vec::with_capacity(len);
+/// Read exactly `len` bytes into `v`'s memory (its content is dropped),
+/// without zeroing it first.
+fn read_vec(r: &mut impl Read, len: usize, mut v: Vec<u8>) -> Result<Vec<u8>, WireError> {
+    v.clear();
+    v.reserve_exact(len);
     loop {
         match r.by_ref().take((len - v.len()) as u64).read_to_end(&mut v) {
             Ok(_) if v.len() == len => return Ok(v),

@@ -28,11 +28,11 @@ mod handshake;
 mod msg;
 
 pub use codec::Compression;
-pub use conn::{Counters, FrameReader, FrameWriter, spawn_reader, spawn_writer};
+pub use conn::{Counters, FrameReader, FrameWriter, Spares, spawn_reader, spawn_writer};
 pub use error::WireError;
 pub use frame::{FRAME_HEADER_LEN, MAX_FRAME_BODY, decode_frame_header, encode_frame, read_frame};
 pub use handshake::{HELLO_MAGIC, Handshake, Token, client_handshake, server_handshake};
-pub use msg::{Hash128, Mode, Msg, Open, Opened, SyncStats};
+pub use msg::{Hash128, Mode, Msg, Open, Opened, Payload, SyncStats};
 
 /// The protocol version this build speaks by default. Bump it on any change to
 /// the encoding of a frame or a message.

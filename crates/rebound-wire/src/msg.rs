@@ -4,10 +4,61 @@
 //! peer's bytes are never trusted to be well-formed.
 
 use crate::WireError;
+use std::ops::Range;
+use std::sync::Arc;
 
 /// A 128-bit keyed hash of a tree node. `0` means "all zeros" (holes and zero
 /// blocks are never hashed).
 pub type Hash128 = u128;
+
+/// The bytes of a `Data` message: owned (as received), or a range of a
+/// buffer the sender shares with its own work, so that sending block data
+/// does not first copy it out of the chunk it was read into.
+#[derive(Clone)]
+pub enum Payload {
+    Owned(Vec<u8>),
+    Shared(Arc<dyn AsRef<[u8]> + Send + Sync>, Range<usize>),
+}
+
+impl Payload {
+    /// The bytes as an owned vector (a copy only for a shared payload).
+    pub fn into_vec(self) -> Vec<u8> {
+        match self {
+            Payload::Owned(v) => v,
+            Payload::Shared(..) => self.to_vec(),
+        }
+    }
+}
+
+impl std::ops::Deref for Payload {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Payload::Owned(v) => v,
+            Payload::Shared(buf, r) => &(**buf).as_ref()[r.clone()],
+        }
+    }
+}
+
+impl From<Vec<u8>> for Payload {
+    fn from(v: Vec<u8>) -> Payload {
+        Payload::Owned(v)
+    }
+}
+
+impl PartialEq for Payload {
+    fn eq(&self, other: &Payload) -> bool {
+        **self == **other
+    }
+}
+
+impl Eq for Payload {}
+
+impl std::fmt::Debug for Payload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Payload({} bytes)", self.len())
+    }
+}
 
 /// Which way data flows on a sync connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -113,7 +164,7 @@ pub enum Msg {
     // --- data, source → destination ---
     Data {
         offset: u64,
-        bytes: Vec<u8>,
+        bytes: Payload,
     },
     Zero {
         offset: u64,
@@ -459,7 +510,7 @@ impl Msg {
         body.drain(..8);
         Ok(Msg::Data {
             offset,
-            bytes: body,
+            bytes: body.into(),
         })
     }
 
@@ -532,7 +583,7 @@ impl Msg {
             },
             tag::DATA => Msg::Data {
                 offset: i.u64()?,
-                bytes: i.rest().to_vec(),
+                bytes: i.rest().to_vec().into(),
             },
             tag::ZERO => Msg::Zero {
                 offset: i.u64()?,

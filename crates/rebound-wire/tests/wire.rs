@@ -64,7 +64,7 @@ fn a_flipped_bit_anywhere_is_detected() {
     let frame = encode_frame(
         &Msg::Data {
             offset: 8192,
-            bytes: vec![0x5a; 3000],
+            bytes: vec![0x5a; 3000].into(),
         },
         Compression::None,
     );
@@ -107,7 +107,7 @@ fn compression_round_trips_and_shrinks_text() {
     for c in [Compression::Lz4, Compression::Zstd, Compression::None] {
         let msg = Msg::Data {
             offset: 1 << 20,
-            bytes: text.clone(),
+            bytes: text.clone().into(),
         };
         let frame = encode_frame(&msg, c);
         if c != Compression::None {
@@ -130,7 +130,11 @@ fn threaded_halves_keep_order_and_count_bytes() {
     let r = spawn_reader(b, recvd.clone());
     for i in 0..500u64 {
         let bytes = vec![(i % 251) as u8; (i as usize * 37) % 9000];
-        w.send(Msg::Data { offset: i, bytes }).unwrap();
+        w.send(Msg::Data {
+            offset: i,
+            bytes: bytes.into(),
+        })
+        .unwrap();
     }
     w.close().unwrap();
     for i in 0..500u64 {
