@@ -10,7 +10,8 @@
 # one under /var/tmp, removed at the end unless KEEP=1), REBOUND (binary;
 # default: build target/release/rebound), DROP_CACHES=0 to keep the page cache
 # between runs (default: drop it before every timed command when root),
-# PCTS (changed percentages, default 1,10), SKIP_RSYNC=1 (rsync is slow).
+# PCTS (changed percentages, default 1,10), SKIP_RSYNC=1 (rsync is slow),
+# REPEAT=N (median of N runs for every tool but rsync; default 1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps
