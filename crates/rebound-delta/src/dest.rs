@@ -4,8 +4,8 @@
 
 use crate::pipeline::{self, Buf, BufPool, Chunk, Want, chunk_len};
 use crate::state::SideState;
-use crate::tree::{ChunkTree, TreeHasher};
-use crate::{SyncError, Tuning, root_of};
+use crate::tree::ChunkTree;
+use crate::{SyncError, root_of};
 use crossbeam_channel::{Receiver, Sender, bounded, select, unbounded};
 use rebound_disk::{Disk, DiskError};
 use rebound_types::{CHUNK_SIZE, chunk_count};
@@ -17,19 +17,9 @@ use std::sync::Arc;
 /// Send top hashes in batches of at most this many chunks.
 const TOP_BATCH: usize = 256;
 
-pub(crate) struct Dest {
-    /// `None`: a dry run against a destination that does not exist (all zeros).
-    pub disk: Option<Arc<Disk>>,
-    /// The source's size, which is the destination's after the sync.
-    pub size: u64,
-    pub full: bool,
-    pub dry_run: bool,
-    pub state: Option<crate::state::SideState>,
-    pub start: u64,
-    pub hasher: Arc<TreeHasher>,
-    pub tuning: Tuning,
-    pub progress: Option<Arc<crate::Progress>>,
-}
+/// The destination side; `None`: a dry run against a destination that does
+/// not exist (all zeros).
+pub(crate) type Dest = crate::Side<Option<Arc<Disk>>>;
 
 pub(crate) struct DestOutcome {
     pub root: [u8; 32],

@@ -236,6 +236,47 @@ pub(crate) fn state_subdir(base: &Path, role: &str, src: &str, dst: &str) -> Pat
         .join(format!("{}-{role}", &hex(key.as_bytes())[..24]))
 }
 
+/// One side of a sync: its disk and what both roles need to run.
+/// [`source::Source`] reads an existing disk; [`dest::Dest`] may have none (a
+/// dry run against a destination that does not exist reads as zeros).
+pub(crate) struct Side<D> {
+    pub disk: D,
+    /// The source's size, which is the destination's after the sync.
+    pub size: u64,
+    pub full: bool,
+    pub dry_run: bool,
+    pub state: Option<state::SideState>,
+    /// Chunks already finished in an earlier run.
+    pub start: u64,
+    pub hasher: Arc<tree::TreeHasher>,
+    pub tuning: Tuning,
+    pub progress: Option<Arc<Progress>>,
+}
+
+impl<D> Side<D> {
+    pub(crate) fn new(
+        disk: D,
+        size: u64,
+        opts: &Options,
+        resume: (Option<state::SideState>, u64),
+        hasher: Arc<tree::TreeHasher>,
+        progress: Option<Arc<Progress>>,
+    ) -> Side<D> {
+        let (state, start) = resume;
+        Side {
+            disk,
+            size,
+            full: opts.full,
+            dry_run: opts.dry_run,
+            state,
+            start,
+            hasher,
+            tuning: opts.tuning,
+            progress,
+        }
+    }
+}
+
 /// Open (or create) the destination for a sync from a source of `size` bytes.
 /// Refuses to shrink unless asked; grows it sparse. Returns the disk (`None`
 /// for a dry run against a missing destination) and its size before.
@@ -349,17 +390,7 @@ pub fn sync_local(
         .map_err(|e| SyncError::Invalid(format!("socket: {e}")))?;
     let (mut dtx, drx) = link(b, dc)?;
 
-    let mut dest = dest::Dest {
-        disk: ddisk,
-        size,
-        full: opts.full,
-        dry_run: opts.dry_run,
-        state: dstate,
-        start,
-        hasher: hasher.clone(),
-        tuning: opts.tuning,
-        progress: None,
-    };
+    let mut dest = Side::new(ddisk, size, opts, (dstate, start), hasher.clone(), None);
     let guard = ShutdownOnDrop(b_shut);
     let dthread = std::thread::spawn(move || {
         // Closes the destination's socket however the thread ends (a panic
@@ -369,17 +400,7 @@ pub fn sync_local(
         let _ = dtx.close();
         r
     });
-    let mut source = source::Source {
-        disk: sdisk,
-        size,
-        full: opts.full,
-        dry_run: opts.dry_run,
-        state: sstate,
-        start,
-        hasher,
-        tuning: opts.tuning,
-        progress,
-    };
+    let mut source = Side::new(sdisk, size, opts, (sstate, start), hasher, progress);
     let sres = source::run(&mut source, &mut stx, &srx);
     let _ = stx.close();
     let dres = dthread

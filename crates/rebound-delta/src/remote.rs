@@ -4,7 +4,8 @@
 
 use crate::state::{self, SideState};
 use crate::{
-    Options, Progress, Report, SyncError, dest, open_dest, source, state_subdir, tree::TreeHasher,
+    Options, Progress, Report, Side, SyncError, dest, open_dest, source, state_subdir,
+    tree::TreeHasher,
 };
 use rebound_disk::Disk;
 use rebound_wire::{
@@ -160,17 +161,8 @@ pub fn push(
     let opened = expect_opened(&c.rx)?;
     let start = opened.resume_chunks;
     st = reconcile(st, sdir.as_deref(), &sid, &opened, opts.dry_run)?;
-    let mut side = source::Source {
-        disk,
-        size,
-        full: opts.full,
-        dry_run: opts.dry_run,
-        state: st,
-        start,
-        hasher: Arc::new(TreeHasher::new(&key)),
-        tuning: opts.tuning,
-        progress,
-    };
+    let hasher = Arc::new(TreeHasher::new(&key));
+    let mut side = Side::new(disk, size, opts, (st, start), hasher, progress);
     let out = source::run(&mut side, &mut c.tx, &c.rx);
     let (sent, received) = finish(c);
     let out = out?;
@@ -256,17 +248,9 @@ pub fn pull(
             opts.dry_run,
         )?;
     }
-    let mut side = dest::Dest {
-        disk,
-        size,
-        full: opts.full,
-        dry_run: opts.dry_run,
-        state: st,
-        start: opened.resume_chunks,
-        hasher: Arc::new(TreeHasher::new(&key)),
-        tuning: opts.tuning,
-        progress,
-    };
+    let hasher = Arc::new(TreeHasher::new(&key));
+    let resume = (st, opened.resume_chunks);
+    let mut side = Side::new(disk, size, opts, resume, hasher, progress);
     let out = dest::run(&mut side, &mut c.tx, &c.rx);
     // The source sends its counts last; the destination's view is what we have.
     let (sent, received) = finish(c);
@@ -567,17 +551,7 @@ fn run_open(
                 session,
                 resume_chunks: start,
             }))?;
-            let mut side = dest::Dest {
-                disk,
-                size,
-                full: opts.full,
-                dry_run: opts.dry_run,
-                state: st,
-                start,
-                hasher,
-                tuning: opts.tuning,
-                progress: None,
-            };
+            let mut side = Side::new(disk, size, &opts, (st, start), hasher, None);
             dest::run(&mut side, &mut c.tx, &c.rx).map(|_| ())
         }
         Mode::Pull => {
@@ -598,17 +572,7 @@ fn run_open(
                 session,
                 resume_chunks: start,
             }))?;
-            let mut side = source::Source {
-                disk,
-                size,
-                full: opts.full,
-                dry_run: opts.dry_run,
-                state: st,
-                start,
-                hasher,
-                tuning: opts.tuning,
-                progress: None,
-            };
+            let mut side = Side::new(disk, size, &opts, (st, start), hasher, None);
             let out = source::run(&mut side, &mut c.tx, &c.rx)?;
             if !opts.dry_run
                 && out.root == out.dest_root

@@ -2,8 +2,8 @@
 //! destination's hashes level by level, and sends what differs.
 
 use crate::pipeline::{self, Buf, BufPool, Chunk, Want};
-use crate::tree::{ChunkTree, TreeHasher, ZERO};
-use crate::{Counts, Progress, SyncError, Tuning, root_of};
+use crate::tree::{ChunkTree, ZERO};
+use crate::{Counts, SyncError, root_of};
 use crossbeam_channel::{Receiver, select};
 use rebound_disk::{Disk, DiskError};
 use rebound_types::{CHUNK_SIZE, LEAF_SIZE, chunk_count};
@@ -15,18 +15,8 @@ use std::sync::atomic::Ordering;
 /// Largest `Data` message body.
 const MAX_DATA: usize = 1 << 20;
 
-pub(crate) struct Source {
-    pub disk: Arc<Disk>,
-    pub size: u64,
-    pub full: bool,
-    pub dry_run: bool,
-    pub state: Option<crate::state::SideState>,
-    /// Chunks already finished in an earlier run.
-    pub start: u64,
-    pub hasher: Arc<TreeHasher>,
-    pub tuning: Tuning,
-    pub progress: Option<Arc<Progress>>,
-}
+/// The source side: an existing disk, read in chunks.
+pub(crate) type Source = crate::Side<Arc<Disk>>;
 
 pub(crate) struct SourceOutcome {
     pub counts: Counts,
