@@ -449,20 +449,12 @@ fn block_devices_as_source_and_destination() {
         dir.path().join("backing.img"),
         dir.path().join("c.img"),
     );
-    make_image(&a, 16, 5);
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&a)
-        .unwrap()
-        .set_len(16 << 20)
-        .unwrap();
-    make_image(&backing, 16, 9);
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&backing)
-        .unwrap()
-        .set_len(16 << 20)
-        .unwrap();
+    // Whole sectors: a loop device's size is its backing file's, rounded down.
+    for (path, seed) in [(&a, 5), (&backing, 9)] {
+        make_image(path, 16, seed);
+        let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+        f.set_len(16 << 20).unwrap();
+    }
     let Some(dev) = LoopDevice::attach(&backing) else {
         eprintln!("skipped: no loop device on this machine (losetup failed)");
         return;

@@ -8,7 +8,7 @@ use rebound_disk::Disk;
 use rebound_types::{Coded, ErrorCode, LEAF_SIZE};
 use rebound_wire::Token;
 use std::net::TcpListener;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// One region of an image.
 #[derive(Clone, Debug)]
@@ -117,6 +117,20 @@ fn model_diff(a: &Path, b: &Path) -> (u64, u64) {
     (diff, zero)
 }
 
+/// A source image `a` from `regions`, and `b`: a copy with `changes` applied.
+fn changed_pair(
+    regions: &[Region],
+    changes: &[Change],
+    seed: u64,
+) -> (tempfile::TempDir, PathBuf, PathBuf, u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    let size = write_image(&a, regions, seed);
+    std::fs::copy(&a, &b).unwrap();
+    apply(&b, changes, size);
+    (dir, a, b, size)
+}
+
 fn small_tuning() -> Tuning {
     Tuning {
         buffers: 4,
@@ -136,11 +150,7 @@ proptest! {
         dest_extra in 0u64..3,
         seed in any::<u64>(),
     ) {
-        let dir = tempfile::tempdir().unwrap();
-        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
-        let size = write_image(&a, &regions, seed);
-        std::fs::copy(&a, &b).unwrap();
-        apply(&b, &changes, size);
+        let (dir, a, b, size) = changed_pair(&regions, &changes, seed);
         // A destination a little smaller than the source must be grown.
         if dest_extra == 1 && size > 5000 {
             std::fs::OpenOptions::new().write(true).open(&b).unwrap().set_len(size - 5000).unwrap();
@@ -172,11 +182,7 @@ proptest! {
     ) {
         // The destination has data where the source has holes and zero runs:
         // a full copy must overwrite all of it, not only what it sends as data.
-        let dir = tempfile::tempdir().unwrap();
-        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
-        let size = write_image(&a, &regions, seed);
-        std::fs::copy(&a, &b).unwrap();
-        apply(&b, &changes, size);
+        let (_dir, a, b, _) = changed_pair(&regions, &changes, seed);
         write_image(&b, &regions, seed ^ 0x5555);
         let opts = Options { tuning: small_tuning(), full: true, ..Options::default() };
         let r = rebound_delta::sync_local(&a, &b, &opts, None).unwrap();
