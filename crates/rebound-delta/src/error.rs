@@ -22,6 +22,13 @@ pub enum SyncError {
     NotFound(String),
     #[error("the source changed while it was read: {0}")]
     SourceChanged(String),
+    #[error("the cache under {dir:?} holds {used} bytes of its {limit}: no room for {size} more")]
+    QuotaFull {
+        dir: &'static str,
+        used: u64,
+        limit: u64,
+        size: u64,
+    },
     /// An error the peer reported, with its code.
     #[error("{message}")]
     Remote { code: ErrorCode, message: String },
@@ -38,6 +45,7 @@ impl Coded for SyncError {
             SyncError::Invalid(_) => ErrorCode::InvalidArgument,
             SyncError::NotFound(_) => ErrorCode::ExportNotFound,
             SyncError::SourceChanged(_) => ErrorCode::SourceChanged,
+            SyncError::QuotaFull { .. } => ErrorCode::CacheFull,
             SyncError::Remote { code, .. } => *code,
         }
     }

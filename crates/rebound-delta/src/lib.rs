@@ -25,7 +25,9 @@ pub mod state;
 pub mod tree;
 
 pub use error::SyncError;
-pub use remote::{RemoteAddr, ServeOptions, pull, push, serve, serve_connection, serve_with};
+pub use remote::{
+    Quota, RemoteAddr, ServeOptions, pull, push, serve, serve_connection, serve_with,
+};
 
 use rebound_disk::Disk;
 use rebound_types::CHUNK_SIZE;

@@ -353,6 +353,40 @@ pub struct ServeOptions {
     /// over. Chunks sent before the interruption and written since stay
     /// marked and are shipped by replication.
     pub live_sources: bool,
+    /// Bound the bytes pushed under one directory of the root (a process
+    /// server's cache): a push of a new disk that would pass it is refused
+    /// with `cache-full`, unless the directory is empty (so one oversized
+    /// changeset still gets through, alone).
+    pub quota: Option<Quota>,
+}
+
+/// See [`ServeOptions::quota`].
+#[derive(Clone, Copy, Debug)]
+pub struct Quota {
+    /// A directory directly under the served root.
+    pub dir: &'static str,
+    pub bytes: u64,
+}
+
+/// Refuse a push that would take `quota`'s directory past its bound.
+fn check_quota(root: &Path, quota: &Quota, open: &Open) -> Result<(), SyncError> {
+    if open.mode != Mode::Push || open.dry_run || !Path::new(&open.name).starts_with(quota.dir) {
+        return Ok(());
+    }
+    // A disk already there is a resume: its bytes are counted already.
+    if resolve_name(root, &open.name).is_ok_and(|p| p.exists()) {
+        return Ok(());
+    }
+    let used = rebound_disk::tree_bytes(&root.join(quota.dir));
+    if used > 0 && used.saturating_add(open.source_size) > quota.bytes {
+        return Err(SyncError::QuotaFull {
+            dir: quota.dir,
+            used,
+            limit: quota.bytes,
+            size: open.source_size,
+        });
+    }
+    Ok(())
 }
 
 /// [`serve`] with [`ServeOptions`].
@@ -427,6 +461,14 @@ pub fn serve_connection(
             "disk {:?} is served read-only: pull from it instead",
             open.name
         ));
+        let _ = c.tx.send(e.to_msg());
+        finish(c);
+        return Err(e);
+    }
+    if let Some(q) = &opts.quota
+        && let Err(e) = check_quota(root, q, &open)
+    {
+        tracing::info!(disk = %open.name, error = %e, "push refused");
         let _ = c.tx.send(e.to_msg());
         finish(c);
         return Err(e);

@@ -442,3 +442,44 @@ fn corrupt_or_cut_frames_stop_the_sync_without_damage() {
     assert_eq!(e.code(), ErrorCode::PeerClosed, "{e}");
     assert_eq!(std::fs::read(&b).unwrap(), before);
 }
+
+#[test]
+fn a_push_past_the_quota_is_refused_and_creates_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let token = Token::new("test-token-0123456789").unwrap();
+    let serve_opts = rebound_delta::ServeOptions {
+        create_dirs: true,
+        quota: Some(rebound_delta::Quota {
+            dir: "cache",
+            bytes: 3 << 20,
+        }),
+        ..Default::default()
+    };
+    let (r, t) = (root.clone(), token.clone());
+    std::thread::spawn(move || rebound_delta::serve_with(listener, r, t, serve_opts));
+
+    let a = dir.path().join("a");
+    write_image(&a, &[Region::Random(2 << 20)], 7);
+    let opts = Options::default();
+    // An empty cache takes a file even past its bound; then it is full.
+    let big = dir.path().join("big");
+    write_image(&big, &[Region::Random(4 << 20)], 8);
+    rebound_delta::push(&big, &addr(port, "cache/item/1"), &token, &opts, None).unwrap();
+    let e = rebound_delta::push(&a, &addr(port, "cache/item/2"), &token, &opts, None).unwrap_err();
+    assert_eq!(e.code(), ErrorCode::CacheFull, "{e}");
+    assert!(!root.join("cache/item/2").exists());
+    // Outside the bounded directory, pushes go on.
+    rebound_delta::push(&a, &addr(port, "incoming/item/2"), &token, &opts, None).unwrap();
+    // Once the cache drains, the refused push goes through.
+    std::fs::remove_file(root.join("cache/item/1")).unwrap();
+    let r = rebound_delta::push(&a, &addr(port, "cache/item/2"), &token, &opts, None).unwrap();
+    assert!(r.identical);
+    // A second file that fits under the bound is taken too.
+    let small = dir.path().join("small");
+    write_image(&small, &[Region::Random(512 << 10)], 9);
+    rebound_delta::push(&small, &addr(port, "cache/item/3"), &token, &opts, None).unwrap();
+}

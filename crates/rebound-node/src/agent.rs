@@ -23,7 +23,7 @@ use rebound_disk::Disk;
 use rebound_nbd::{
     BlockDevice, Caps, DeviceError, Extent, ListenAddr, Listener, Server, ZeroFlags,
 };
-use rebound_types::LEAF_SIZE;
+use rebound_types::{Coded, ErrorCode, LEAF_SIZE};
 use std::net::TcpListener;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -311,6 +311,7 @@ pub fn run(cfg: AgentConfig, shutdown: Arc<AtomicBool>) -> anyhow::Result<()> {
                     read_only: true,
                     create_dirs: false,
                     live_sources: true,
+                    quota: None,
                 },
             )
         });
@@ -875,13 +876,28 @@ impl Agent {
         }
         for (seq, path) in queued {
             let h = changeset::verify(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
-            let name = format!("cache/{}/{}", h.item, changeset::file_name(seq));
+            let name = format!(
+                "{}/{}/{}",
+                crate::process::CACHE_DIR,
+                h.item,
+                changeset::file_name(seq)
+            );
             let remote = remote_addr(&addr, &name)?;
             let opts = rebound_delta::Options {
                 full: true,
                 ..Default::default()
             };
-            rebound_delta::push(&path, &remote, &self.token, &opts, None)?;
+            match rebound_delta::push(&path, &remote, &self.token, &opts, None) {
+                // The process server's own bound (its heartbeat may be older
+                // than its cache): back-pressure, not a failure.
+                Err(e) if e.code() == ErrorCode::CacheFull => {
+                    debug!(error = %e, "process server cache full; changesets wait here");
+                    return Ok(());
+                }
+                r => {
+                    r?;
+                }
+            }
             rebound_disk::crashsafe::remove_file_durable(&path)?;
         }
         Ok(())

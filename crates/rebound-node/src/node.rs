@@ -122,6 +122,10 @@ pub fn run(mut cfg: NodeConfig, shutdown: Arc<AtomicBool>) -> anyhow::Result<()>
     let data_addr = listener.local_addr()?.to_string();
     {
         let (root, token) = (data_root.clone(), token.clone());
+        let cache_quota = cfg.process_server.then_some(rebound_delta::Quota {
+            dir: crate::process::CACHE_DIR,
+            bytes: cfg.cache_limit,
+        });
         std::thread::spawn(move || {
             rebound_delta::serve_with(
                 listener,
@@ -131,6 +135,10 @@ pub fn run(mut cfg: NodeConfig, shutdown: Arc<AtomicBool>) -> anyhow::Result<()>
                     read_only: false,
                     create_dirs: true,
                     live_sources: false,
+                    // The process server enforces its own bound: agents
+                    // also hold back when its heartbeat says it is full,
+                    // but that reading can be up to a heartbeat old.
+                    quota: cache_quota,
                 },
             )
         });

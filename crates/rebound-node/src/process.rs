@@ -47,27 +47,16 @@ impl Stats {
 /// after it, was abandoned by its sender.
 const ABANDONED_AFTER: Duration = Duration::from_secs(10);
 
-pub fn cache_dir(data_root: &Path) -> PathBuf {
-    data_root.join("cache")
-}
+/// The cache's directory under the data port's root (the quota's too).
+pub const CACHE_DIR: &str = "cache";
 
-fn dir_bytes(dir: &Path) -> u64 {
-    let mut total = 0;
-    if let Ok(rd) = std::fs::read_dir(dir) {
-        for e in rd.flatten() {
-            match e.file_type() {
-                Ok(t) if t.is_dir() => total += dir_bytes(&e.path()),
-                Ok(_) => total += e.metadata().map(|m| m.len()).unwrap_or(0),
-                Err(_) => {}
-            }
-        }
-    }
-    total
+pub fn cache_dir(data_root: &Path) -> PathBuf {
+    data_root.join(CACHE_DIR)
 }
 
 pub fn facts(data_root: &Path, limit: u64, stats: &Stats) -> ProcessServerFacts {
     ProcessServerFacts {
-        cache_used_bytes: dir_bytes(&cache_dir(data_root)),
+        cache_used_bytes: rebound_disk::tree_bytes(&cache_dir(data_root)),
         cache_limit_bytes: limit,
         throughput_bytes_per_sec: stats.throughput(),
     }

@@ -86,6 +86,9 @@ error_codes! {
     /// A token file is missing, unreadable or empty.
     TokenUnreadable = 1008, "token-unreadable",
         "Create the token file (one line, at least 16 characters) and make it readable only by the service user.";
+    /// A process server's cache is at its limit and refused a changeset.
+    CacheFull = 1009, "cache-full",
+        "Nothing is lost: the agent keeps its changes (changesets, then its dirty bitmap) until the cache drains. Check that the item's master target runs and is reachable from the process server, or give the process server a larger --cache-limit.";
 
     // --- wire protocol: 1100s ---
     /// The peer refused our credentials (or we refused its).
