@@ -3,6 +3,7 @@
 
 mod cmd;
 mod failure;
+mod output;
 mod signals;
 
 use clap::{Parser, Subcommand};

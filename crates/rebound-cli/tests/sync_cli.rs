@@ -135,6 +135,34 @@ fn sync_diff_and_json_summary() {
 }
 
 #[test]
+fn a_closed_stdout_does_not_turn_a_finished_sync_into_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a.img"), dir.path().join("b.img"));
+    make_image(&a, 4, 2);
+    for output in ["text", "json"] {
+        let _ = std::fs::remove_file(&b);
+        let mut child = Command::new(BIN)
+            .args(["sync", "--output", output])
+            .arg(&a)
+            .arg(&b)
+            .env(
+                "REBOUND_STATE_DIR",
+                std::env::temp_dir().join("rebound-cli-tests-state"),
+            )
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let o = child.wait_with_output().unwrap();
+        let err = stderr(&o);
+        assert!(!err.contains("panicked"), "{err}");
+        assert_eq!(o.status.code(), Some(0), "{err}");
+        qemu_compare(&a, &b);
+    }
+}
+
+#[test]
 fn bad_input_gets_codes_and_exit_statuses() {
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = (dir.path().join("a.img"), dir.path().join("b.img"));

@@ -182,25 +182,25 @@ fn human(b: u64) -> String {
 }
 
 fn emit(r: &Report, json: bool) -> anyhow::Result<()> {
-    if json {
-        println!("{}", serde_json::to_string_pretty(r)?);
+    let text = if json {
+        serde_json::to_string_pretty(r)? + "\n"
     } else {
-        print_text(r);
-    }
-    Ok(())
+        report_text(r)
+    };
+    crate::output::print(&text)
 }
 
-fn print_text(r: &Report) {
+fn report_text(r: &Report) -> String {
     let what = if r.dry_run { "would send" } else { "sent" };
-    println!(
-        "{} leaves differ ({}): {what} {} of data and {} as holes",
+    let mut t = format!(
+        "{} leaves differ ({}): {what} {} of data and {} as holes\n",
         r.leaves_differing,
         human(r.bytes_differing),
         human(r.data_bytes),
         human(r.zero_bytes)
     );
-    println!(
-        "read {} at the source, {} at the destination; wire {} out, {} in; {:.2} s, {}/s",
+    t += &format!(
+        "read {} at the source, {} at the destination; wire {} out, {} in; {:.2} s, {}/s\n",
         human(r.source_bytes_read),
         human(r.dest_bytes_read),
         human(r.wire_bytes_sent),
@@ -209,20 +209,19 @@ fn print_text(r: &Report) {
         human(r.throughput_bytes_per_sec as u64)
     );
     if r.chunks_resumed > 0 {
-        println!("resumed after {} of {} chunks", r.chunks_resumed, r.chunks);
-    }
-    if r.dry_run {
-        println!(
-            "{}",
-            if r.identical {
-                "disks are identical"
-            } else {
-                "disks differ"
-            }
+        t += &format!(
+            "resumed after {} of {} chunks\n",
+            r.chunks_resumed, r.chunks
         );
-    } else {
-        println!("verified: BLAKE3 roots equal ({})", r.source_root);
     }
+    t += &if !r.dry_run {
+        format!("verified: BLAKE3 roots equal ({})\n", r.source_root)
+    } else if r.identical {
+        "disks are identical\n".to_string()
+    } else {
+        "disks differ\n".to_string()
+    };
+    t
 }
 
 pub fn run_sync(a: SyncArgs) -> anyhow::Result<ExitCode> {

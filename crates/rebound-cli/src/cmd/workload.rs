@@ -147,10 +147,10 @@ pub fn run_workload_cmd(a: WorkloadArgs) -> anyhow::Result<ExitCode> {
         StopReason::Disconnected => "disconnected",
         StopReason::NothingToDo => "nothing to write",
     };
-    println!(
-        "workload: stopped ({reason}): {} write(s) issued, {} acknowledged, ids {}..{}, epoch {}",
+    crate::output::print(&format!(
+        "workload: stopped ({reason}): {} write(s) issued, {} acknowledged, ids {}..{}, epoch {}\n",
         summary.issued, summary.acked, summary.first_id, summary.last_id, summary.epoch
-    );
+    ))?;
     if let Some(msg) = summary.disconnect {
         eprintln!("workload: the NBD server went away: {msg}");
         if !a.tolerate_disconnect {
@@ -263,7 +263,7 @@ pub fn run_verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
     let report = verify_paths(&a.disks, &a.write_log, mode).map_err(coded)?;
     if json {
         let text = serde_json::to_string_pretty(&report).context("encoding the report")?;
-        println!("{text}");
+        crate::output::print(&(text + "\n"))?;
     } else {
         print_text(&report, &a.write_log.display().to_string());
     }
