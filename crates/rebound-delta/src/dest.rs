@@ -291,21 +291,24 @@ fn violation(s: String) -> SyncError {
     SyncError::Wire(WireError::Protocol(s))
 }
 
-/// Zero the bytes of a full copy's chunk that no `Data` or `Zero` covered.
-fn fill_gaps(p: &mut Pending) {
+/// A full copy's chunk: every byte no `Data` or `Zero` covered becomes a zero
+/// run too, on the disk as in the buffer. Our sources cover every byte; a
+/// peer that does not still cannot leave old data under a matching hash.
+fn cover_gaps(p: &mut Pending) {
     let mut covered: Vec<Range<usize>> = p.writes.iter().chain(&p.zeros).cloned().collect();
     covered.sort_by_key(|r| r.start);
     let mut pos = 0;
+    let mut gaps = Vec::new();
     for r in covered {
         if r.start > pos {
-            p.buf[pos..r.start].fill(0);
+            gaps.push(pos..r.start);
         }
         pos = pos.max(r.end);
     }
-    let len = p.buf.len();
-    if pos < len {
-        p.buf[pos..].fill(0);
+    if pos < p.buf.len() {
+        gaps.push(pos..p.buf.len());
     }
+    p.zeros.extend(gaps);
 }
 
 /// Append `r`, merged into the last run when it continues it: a chunk sent
@@ -353,7 +356,7 @@ fn target<'a>(
             )));
         }
         // Not zeroed: a full copy covers every byte of the chunk with `Data`
-        // and `Zero`, and `fill_gaps` zeroes whatever a peer left out.
+        // and `Zero`, and `cover_gaps` zeroes whatever a peer left out.
         let buf = pool.take(chunk_len(dst.size, chunk));
         e.insert(Pending {
             buf,
@@ -446,7 +449,7 @@ fn finalize(
     // The chunk's final content: what the destination had (or zeros, for a
     // full copy's gaps), with the zero runs and the data received laid over.
     if p.full {
-        fill_gaps(p);
+        cover_gaps(p);
     }
     for z in &p.zeros {
         p.buf[z.clone()].fill(0);

@@ -483,3 +483,55 @@ fn a_push_past_the_quota_is_refused_and_creates_nothing() {
     write_image(&small, &[Region::Random(512 << 10)], 9);
     rebound_delta::push(&small, &addr(port, "cache/item/3"), &token, &opts, None).unwrap();
 }
+
+#[test]
+fn a_full_copy_zeroes_on_disk_what_a_peer_left_uncovered() {
+    // A source that sends one data block of an 8 MiB disk and no `Zero`
+    // runs, with hashes of what the rest must then be: zeros. The old data
+    // under the uncovered ranges must not survive under matching hashes.
+    let dir = tempfile::tempdir().unwrap();
+    let token = Token::new("test-token-0123456789").unwrap();
+    let b = dir.path().join("b");
+    write_image(&b, &[Region::Random(8 << 20)], 11);
+    let port = evil_server(|s| {
+        use rebound_wire::{Compression, Msg, encode_frame};
+        let mut chunk0 = vec![0u8; 4 << 20];
+        chunk0[..4096].fill(7);
+        let h0 = *blake3::hash(&chunk0).as_bytes();
+        let h1 = *blake3::hash(&vec![0u8; 4 << 20]).as_bytes();
+        let msgs = [
+            Msg::Data {
+                offset: 0,
+                bytes: vec![7; 4096].into(),
+            },
+            Msg::ChunkEnd {
+                chunk: 0,
+                blake3: h0,
+            },
+            Msg::ChunkEnd {
+                chunk: 1,
+                blake3: h1,
+            },
+            Msg::Finish {
+                root: rebound_delta::root_of([h0, h1].into_iter(), 8 << 20),
+            },
+        ];
+        for m in &msgs {
+            std::io::Write::write_all(s, &encode_frame(m, Compression::None)).unwrap();
+        }
+        // Let the destination finish before the connection goes away.
+        let _ = std::io::Read::read_to_end(s, &mut Vec::new());
+    });
+    let opts = Options {
+        full: true,
+        ..Options::default()
+    };
+    let r = rebound_delta::pull(&addr(port, "d"), &b, &token, &opts, None).unwrap();
+    assert!(r.identical);
+    let got = std::fs::read(&b).unwrap();
+    assert!(got[..4096].iter().all(|&x| x == 7));
+    assert!(
+        got[4096..].iter().all(|&x| x == 0),
+        "old data left under zero hashes"
+    );
+}
