@@ -2,6 +2,8 @@
 //! `rebound server …` and the client commands, through the real binary
 //! against a real server process on loopback.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
@@ -277,16 +279,9 @@ fn server_init_run_and_client_commands() {
 fn listing_into_a_closed_pipe_ends_quietly() {
     // `rebound errors | head -0`: the reader is gone before the first line.
     use std::os::unix::process::ExitStatusExt;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_rebound"))
-        .arg("errors")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    drop(child.stdout.take());
-    let out = child.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!err.contains("panicked"), "{err}");
+    let out = common::output_with_closed_stdout(
+        Command::new(env!("CARGO_BIN_EXE_rebound")).arg("errors"),
+    );
     const SIGPIPE: i32 = 13; // on Linux
     assert_eq!(out.status.signal(), Some(SIGPIPE), "{:?}", out.status);
 }

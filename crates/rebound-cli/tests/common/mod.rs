@@ -95,3 +95,18 @@ pub fn signal_and_wait(mut child: Child, sig: rustix::process::Signal) -> ExitSt
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Run `cmd` with its stdout closed before it writes (`… | head -0`),
+/// asserting that it did not panic.
+pub fn output_with_closed_stdout(cmd: &mut Command) -> std::process::Output {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    out
+}
