@@ -216,15 +216,7 @@ fn disaster_failover(lab: &mut Lab, vm_a: &Machine, after_ns: u64) -> anyhow::Re
     }
     lab.kill_child("node-primary");
     lab.stop_child("workload-primary");
-    let job = lab.action(
-        "vm1",
-        &ActionRequest {
-            kind: Some(FailoverKind::Unplanned),
-            point_id: Some(point.id.clone()),
-            ..ActionRequest::new(Action::Failover)
-        },
-    )?;
-    let job = lab.wait_job(&job, false)?;
+    let job = lab.fail_over_unplanned("vm1", &point.id)?;
     Ok((job, point.barrier_ns.unwrap_or(0)))
 }
 

@@ -2,7 +2,7 @@
 //! freeze/thaw hooks, and outages of the process server and of the master
 //! target that stop nothing at the agent and lose no recovery point data.
 
-use rebound_api::{Action, ActionRequest, FailoverKind, PointKind};
+use rebound_api::PointKind;
 use rebound_node::machine::Machine;
 use rebound_testkit::lab::{Lab, LabConfig, wait_for};
 use std::time::Duration;
@@ -22,17 +22,7 @@ fn lab(dir: &std::path::Path, env: Vec<(String, String)>) -> Lab {
 /// recovery site for crash consistency at that point.
 fn failover_and_verify(lab: &mut Lab, recovery_host: &std::path::Path) -> String {
     let p = lab.wait_point("vm1", 0).expect("a point");
-    let job = lab
-        .action(
-            "vm1",
-            &ActionRequest {
-                kind: Some(FailoverKind::Unplanned),
-                point_id: Some(p.id.clone()),
-                ..ActionRequest::new(Action::Failover)
-            },
-        )
-        .expect("failover");
-    lab.wait_job(&job, false).expect("failover job");
+    lab.fail_over_unplanned("vm1", &p.id).expect("failover job");
     let vm = Machine::at(recovery_host.join("vm1"));
     lab.verify(&vm, p.barrier_ns).expect("verify at the point")
 }
@@ -109,17 +99,8 @@ fn freeze_and_thaw_hooks_make_app_consistent_points() {
         .filter(|p| p.kind == PointKind::AppConsistent)
         .max_by_key(|p| p.barrier_ns)
         .expect("an app-consistent point");
-    let job = lab
-        .action(
-            "vm1",
-            &ActionRequest {
-                kind: Some(FailoverKind::Unplanned),
-                point_id: Some("latest-app-consistent".into()),
-                ..ActionRequest::new(Action::Failover)
-            },
-        )
+    lab.fail_over_unplanned("vm1", "latest-app-consistent")
         .expect("failover to the latest app-consistent point");
-    lab.wait_job(&job, false).expect("failover job");
     let at_b = Machine::at(b.host_dir.join("vm1"));
     lab.verify(&at_b, latest_app.barrier_ns).expect("verify");
 }

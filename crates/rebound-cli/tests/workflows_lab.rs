@@ -316,15 +316,7 @@ fn unplanned_failover_to_an_older_point_then_change_recovery_point() {
         let latest = points[points.len() - 1].clone();
         ensure!(older.barrier_ns < latest.barrier_ns);
 
-        let job = lab.action(
-            "vm1",
-            &ActionRequest {
-                kind: Some(FailoverKind::Unplanned),
-                point_id: Some(older.id.clone()),
-                ..ActionRequest::new(Action::Failover)
-            },
-        )?;
-        lab.wait_job(&job, false)?;
+        lab.fail_over_unplanned("vm1", &older.id)?;
         let vm_b = Machine::at(b.host_dir.join("vm1"));
         let checked = lab.verify(&vm_b, older.barrier_ns)?;
         eprintln!("vm1 at older point {}: {checked}", older.id);
@@ -369,15 +361,7 @@ fn failed_over_and_committed(
     let stopped = rebound_testkit::log::now_ns();
     let point = lab.wait_point("vm1", stopped)?;
     kill_primary(lab, vm_a);
-    let job = lab.action(
-        "vm1",
-        &ActionRequest {
-            kind: Some(FailoverKind::Unplanned),
-            point_id: Some(point.id.clone()),
-            ..ActionRequest::new(Action::Failover)
-        },
-    )?;
-    lab.wait_job(&job, false)?;
+    lab.fail_over_unplanned("vm1", &point.id)?;
     let vm_b = Machine::at(b.host_dir.join("vm1"));
     let barrier = point.barrier_ns.context("no barrier")?;
     let checked = lab.verify(&vm_b, Some(barrier))?;

@@ -8,8 +8,8 @@
 
 use anyhow::{Context, anyhow, bail};
 use rebound_api::{
-    Action, ActionRequest, Disk, Item, Job, JobState, NewItem, NewPolicy, NewSite, Policy,
-    RecoveryPoint, SiteRole, StepState,
+    Action, ActionRequest, Disk, FailoverKind, Item, Job, JobState, NewItem, NewPolicy, NewSite,
+    Policy, RecoveryPoint, SiteRole, StepState,
 };
 use rebound_node::client::Api;
 use rebound_node::machine::{self, DiskEntry, Machine, Manifest};
@@ -379,6 +379,18 @@ impl Lab {
         self.admin
             .post::<_, Job>(&format!("/items/{item}/actions"), req)
             .map_err(|e| anyhow!("{} {item}: {e}", req.action))
+    }
+
+    /// Fail `item` over, unplanned, to `point` (an id, or a selector such as
+    /// `latest-app-consistent`), and wait for the job to succeed.
+    pub fn fail_over_unplanned(&self, item: &str, point: &str) -> anyhow::Result<Job> {
+        let req = ActionRequest {
+            kind: Some(FailoverKind::Unplanned),
+            point_id: Some(point.to_string()),
+            ..ActionRequest::new(Action::Failover)
+        };
+        let job = self.action(item, &req)?;
+        self.wait_job(&job, false)
     }
 
     /// Wait for a job to end (or to wait for an operator) and return it

@@ -208,15 +208,7 @@ fn run_lab(
     }
     lab.kill_child("node-primary");
     lab.stop_child("workload-primary");
-    let job = lab.action(
-        "vm1",
-        &ActionRequest {
-            kind: Some(FailoverKind::Unplanned),
-            point_id: Some(point.id.clone()),
-            ..ActionRequest::new(Action::Failover)
-        },
-    )?;
-    lab.wait_job(&job, false)?;
+    lab.fail_over_unplanned("vm1", &point.id)?;
     let vm_b = Machine::at(b.host_dir.join("vm1"));
     let barrier = point.barrier_ns.unwrap_or(0);
     let checked = lab.verify(&vm_b, Some(barrier))?;
