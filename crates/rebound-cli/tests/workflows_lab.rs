@@ -114,30 +114,6 @@ fn phase(lab: &Lab) -> anyhow::Result<Phase> {
     Ok(lab.item("vm1")?.state.phase)
 }
 
-/// `rebound verify` of `m`'s disks against the write log of machine `log_of`
-/// (a test machine carries another name than the machine it copies).
-fn verify_with_log(lab: &Lab, m: &Machine, log_of: &str, point_ns: u64) -> anyhow::Result<String> {
-    let man = m.manifest()?;
-    let mut cmd = Command::new(&lab.exe);
-    cmd.arg("verify");
-    for d in &man.disks {
-        cmd.arg("--disk").arg(m.nbd_uri(&d.name));
-    }
-    cmd.arg("--write-log")
-        .arg(lab.write_log(log_of))
-        .arg("--point-time")
-        .arg(point_ns.to_string());
-    let out = cmd.output().context("running rebound verify")?;
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    if !out.status.success() {
-        bail!(
-            "rebound verify failed:\n{text}{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(text.lines().last().unwrap_or("").to_string())
-}
-
 /// Bytes that differ between two equally sized sets of disks, 4 KiB by 4 KiB.
 fn differing_bytes(a: &[std::path::PathBuf], b: &[std::path::PathBuf]) -> anyhow::Result<u64> {
     const BLOCK: usize = 4096;
@@ -212,7 +188,7 @@ fn test_failover_runs_a_copy_while_replication_continues_then_cleanup_removes_it
         ensure!(test_vm.is_running(), "vm1-test does not run");
         // The copy is the point: crash consistent at its barrier, while the
         // workload keeps writing at the primary site.
-        let checked = verify_with_log(lab, &test_vm, "vm1", barrier)?;
+        let checked = lab.verify_against(&test_vm, "vm1", Some(barrier))?;
         eprintln!("vm1-test at point {}: {checked}", point.id);
         // Replication goes on during the test.
         let newer = lab.wait_point("vm1", barrier)?;

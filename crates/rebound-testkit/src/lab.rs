@@ -489,12 +489,24 @@ impl Lab {
     /// returns the verifier's last line, or an error with its report.
     pub fn verify(&self, m: &Machine, point_ns: Option<u64>) -> anyhow::Result<String> {
         let man = m.manifest()?;
+        self.verify_against(m, &man.name, point_ns)
+    }
+
+    /// [`Lab::verify`] against the write log of machine `log_of` (a test
+    /// machine carries another name than the machine it copies).
+    pub fn verify_against(
+        &self,
+        m: &Machine,
+        log_of: &str,
+        point_ns: Option<u64>,
+    ) -> anyhow::Result<String> {
+        let man = m.manifest()?;
         let mut cmd = Command::new(&self.exe);
         cmd.arg("verify");
         for d in &man.disks {
             cmd.arg("--disk").arg(m.nbd_uri(&d.name));
         }
-        cmd.arg("--write-log").arg(self.write_log(&man.name));
+        cmd.arg("--write-log").arg(self.write_log(log_of));
         if let Some(t) = point_ns {
             cmd.arg("--point-time").arg(t.to_string());
         }
