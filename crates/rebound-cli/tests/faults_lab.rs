@@ -16,7 +16,7 @@ use rebound_api::{
 };
 use rebound_node::machine::{Machine, Manifest};
 use rebound_node::node::NodeInfo;
-use rebound_testkit::lab::{Lab, LabConfig, wait_for};
+use rebound_testkit::lab::{Lab, LabConfig, in_temp_dir, wait_for};
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -25,10 +25,6 @@ const MIB: u64 = 1 << 20;
 
 /// Run `f` in a fresh lab; on failure keep the lab directory and name it.
 fn with_lab(name: &str, delay_ms: u64, f: impl FnOnce(&mut Lab) -> anyhow::Result<()>) {
-    let tmp = tempfile::Builder::new()
-        .prefix(&format!("rebound-faults-{name}-"))
-        .tempdir()
-        .expect("tempdir");
     let mut env = vec![("REBOUND_SYNC_DURABLE_CHUNKS".to_string(), "1".to_string())];
     if delay_ms > 0 {
         env.push((
@@ -36,29 +32,18 @@ fn with_lab(name: &str, delay_ms: u64, f: impl FnOnce(&mut Lab) -> anyhow::Resul
             delay_ms.to_string(),
         ));
     }
-    let t0 = Instant::now();
-    let res = Lab::start(LabConfig {
-        dir: tmp.path().to_path_buf(),
-        exe: env!("CARGO_BIN_EXE_rebound").into(),
-        rpo_secs: 1,
-        node_args: vec![],
-        env,
-    })
-    .and_then(|mut lab| {
+    in_temp_dir(&format!("faults-{name}"), |dir| {
+        let mut lab = Lab::start(LabConfig {
+            dir: dir.to_path_buf(),
+            exe: env!("CARGO_BIN_EXE_rebound").into(),
+            rpo_secs: 1,
+            node_args: vec![],
+            env,
+        })?;
         let r = f(&mut lab);
         timeline(&lab);
-        drop(lab);
         r
     });
-    if let Err(e) = res {
-        let kept = tmp.keep();
-        panic!(
-            "{name} failed after {:.1} s (lab kept in {}): {e:#}",
-            t0.elapsed().as_secs_f64(),
-            kept.display()
-        );
-    }
-    eprintln!("{name}: {:.1} s", t0.elapsed().as_secs_f64());
 }
 
 /// Print every job of the lab with the time of each step.

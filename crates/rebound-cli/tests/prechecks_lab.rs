@@ -14,7 +14,7 @@ use rebound_api::{ActionRequest, Failure, Group, Item, Job, NewGroup, OsType};
 use rebound_node::client::CallError;
 use rebound_node::machine::Machine;
 use rebound_node::node::NodeInfo;
-use rebound_testkit::lab::{Lab, LabConfig, wait_for};
+use rebound_testkit::lab::{Lab, LabConfig, in_temp_dir, wait_for};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -24,21 +24,7 @@ const MIB: u64 = 1 << 20;
 /// Run `f` in a fresh lab directory; on failure keep the directory and say
 /// where it is.
 fn in_lab(name: &str, f: impl FnOnce(&Path) -> anyhow::Result<()>) {
-    let tmp = tempfile::Builder::new()
-        .prefix(&format!("prechecks-{name}-"))
-        .tempdir()
-        .expect("tempdir");
-    let dir = tmp.path().canonicalize().expect("canonical lab dir");
-    let t0 = Instant::now();
-    if let Err(e) = f(&dir) {
-        let kept = tmp.keep();
-        panic!(
-            "{name} failed after {:.1} s (lab kept in {}): {e:#}",
-            t0.elapsed().as_secs_f64(),
-            kept.display()
-        );
-    }
-    eprintln!("{name}: {:.1} s", t0.elapsed().as_secs_f64());
+    in_temp_dir(&format!("prechecks-{name}"), f);
 }
 
 /// Start the lab with extra arguments for the recovery node, and both nodes.

@@ -14,10 +14,10 @@ use rebound_api::{Action, ActionRequest, FailoverKind, JobState, Location, Phase
 use rebound_node::client::CallError;
 use rebound_node::machine::{Machine, Manifest};
 use rebound_node::node::NodeInfo;
-use rebound_testkit::lab::{Lab, LabConfig, step_bytes, wait_for};
+use rebound_testkit::lab::{Lab, LabConfig, in_temp_dir, step_bytes, wait_for};
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Two small disks.
 const DISKS: [(&str, u64); 2] = [("disk0", 16 << 20), ("disk1", 8 << 20)];
@@ -27,30 +27,16 @@ const RATE: u64 = 40;
 /// Run `body` in a fresh lab; on failure keep the lab directory and panic
 /// with the error and where the logs are.
 fn in_lab(name: &str, body: impl FnOnce(&mut Lab) -> anyhow::Result<()>) {
-    let started = Instant::now();
-    let dir = tempfile::Builder::new()
-        .prefix(&format!("rebound-{name}-"))
-        .tempdir()
-        .expect("tempdir");
-    let result = Lab::start(LabConfig {
-        dir: dir.path().to_path_buf(),
-        exe: env!("CARGO_BIN_EXE_rebound").into(),
-        rpo_secs: 1,
-        node_args: vec![],
-        env: vec![],
-    })
-    .and_then(|mut lab| {
-        let r = body(&mut lab);
-        drop(lab);
-        r
+    in_temp_dir(name, |dir| {
+        let mut lab = Lab::start(LabConfig {
+            dir: dir.to_path_buf(),
+            exe: env!("CARGO_BIN_EXE_rebound").into(),
+            rpo_secs: 1,
+            node_args: vec![],
+            env: vec![],
+        })?;
+        body(&mut lab)
     });
-    match result {
-        Ok(()) => eprintln!("{name}: passed in {:.1} s", started.elapsed().as_secs_f64()),
-        Err(e) => {
-            let kept = dir.keep();
-            panic!("{name} failed (lab kept in {}): {e:#}", kept.display());
-        }
-    }
 }
 
 /// Both nodes, and a running machine `vm1` at the primary site registered

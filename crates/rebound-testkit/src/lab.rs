@@ -580,6 +580,30 @@ fn placeholder_policy() -> Policy {
 }
 
 /// Bytes a job's step reported (its total).
+/// Run a lab test's body in a fresh directory `rebound-NAME-*` (canonical:
+/// nodes report their paths resolved). On failure keep the directory and
+/// panic with the error, the time taken and where the logs are.
+pub fn in_temp_dir(name: &str, body: impl FnOnce(&Path) -> anyhow::Result<()>) {
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!("rebound-{name}-"))
+        .tempdir()
+        .expect("tempdir");
+    let dir = tmp.path().canonicalize().expect("canonical lab dir");
+    let t0 = Instant::now();
+    let secs = || t0.elapsed().as_secs_f64();
+    match body(&dir) {
+        Ok(()) => eprintln!("{name}: passed in {:.1} s", secs()),
+        Err(e) => {
+            let kept = tmp.keep();
+            panic!(
+                "{name} failed after {:.1} s (lab kept in {}): {e:#}",
+                secs(),
+                kept.display()
+            );
+        }
+    }
+}
+
 pub fn step_bytes(job: &Job, name: &str) -> Option<u64> {
     job.steps
         .iter()
