@@ -96,16 +96,16 @@ pub fn signal_and_wait(mut child: Child, sig: rustix::process::Signal) -> ExitSt
     }
 }
 
-/// Run `cmd` with its stdout closed before it writes (`… | head -0`),
-/// asserting that it did not panic.
+/// Run `cmd` with its stdout a pipe whose reader is gone before it starts
+/// (`… | head -0`, without a race), asserting that it did not panic.
 pub fn output_with_closed_stdout(cmd: &mut Command) -> std::process::Output {
-    let mut child = cmd
-        .stdout(Stdio::piped())
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = cmd
+        .stdout(writer)
         .stderr(Stdio::piped())
-        .spawn()
+        .output()
         .unwrap();
-    drop(child.stdout.take());
-    let out = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!err.contains("panicked"), "{err}");
     out
