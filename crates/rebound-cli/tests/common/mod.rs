@@ -101,11 +101,7 @@ pub fn signal_and_wait(mut child: Child, sig: rustix::process::Signal) -> ExitSt
 pub fn output_with_closed_stdout(cmd: &mut Command) -> std::process::Output {
     let (reader, writer) = std::io::pipe().unwrap();
     drop(reader);
-    let out = cmd
-        .stdout(writer)
-        .stderr(Stdio::piped())
-        .output()
-        .unwrap();
+    let out = cmd.stdout(writer).stderr(Stdio::piped()).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!err.contains("panicked"), "{err}");
     out
