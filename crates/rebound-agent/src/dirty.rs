@@ -484,6 +484,26 @@ impl DirtyTracker {
         });
     }
 
+    /// Mark the leaves of a byte range now (a write the change stream could
+    /// not take: the bitmap must hold it before the stream's next resync
+    /// takes its snapshot).
+    pub fn mark(&self, range: Range<u64>) {
+        self.mark_bytes(range, self.current_gen.load(SeqCst));
+    }
+
+    /// Close the current period without persisting: the marker orders the
+    /// writes in memory only (the change stream's barriers, taken under its
+    /// lock, must not wait for an fdatasync). Markers handed out by it are
+    /// not to be kept across a restart.
+    pub fn period(&self) -> Marker {
+        Marker(self.current_gen.fetch_add(1, SeqCst))
+    }
+
+    /// A copy of the leaf bitmap (1 bit per 4 KiB, 64 leaves per word).
+    pub fn snapshot(&self) -> Vec<u64> {
+        self.bits.iter().map(|w| w.load(SeqCst)).collect()
+    }
+
     /// Mark every leaf (e.g. after the disk was written outside the agent).
     pub fn mark_all(&self) {
         self.mark_bytes(0..self.disk_size, self.current_gen.load(SeqCst));

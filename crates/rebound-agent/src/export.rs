@@ -1,14 +1,15 @@
 //! A machine's raw disk exported over NBD, with dirty tracking in the write
 //! path.
 
+use crate::capture::Capture;
 use crate::dirty::{DirtyTracker, Marker, OpenReport};
 use crate::error::AgentError;
 use rebound_disk::{Disk, DiskError, DiskKind, zeroing};
 use rebound_nbd::{BlockDevice, Caps, DeviceError, Extent, ZeroFlags};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::mpsc;
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 use tracing::{info, warn};
@@ -52,7 +53,9 @@ pub struct DiskExport {
     disk: Disk,
     size: u64,
     read_only: bool,
-    tracker: Option<DirtyTracker>,
+    tracker: Option<Arc<DirtyTracker>>,
+    /// The change stream, once the agent replicates: (capture, disk index).
+    capture: OnceLock<(Arc<Capture>, u16)>,
 }
 
 fn dev_err(e: DiskError) -> DeviceError {
@@ -85,7 +88,7 @@ impl DiskExport {
         } else {
             let state = spec.state_path(disk.kind())?;
             let (t, r) = DirtyTracker::open(&state, size)?;
-            (Some(t), Some(r))
+            (Some(Arc::new(t)), Some(r))
         };
         info!(export = %spec.name, path = %spec.path.display(), size, read_only = spec.read_only, "export opened");
         Ok((
@@ -95,6 +98,7 @@ impl DiskExport {
                 size,
                 read_only: spec.read_only,
                 tracker,
+                capture: OnceLock::new(),
             },
             report,
         ))
@@ -105,8 +109,68 @@ impl DiskExport {
     }
 
     /// The dirty tracker (writable exports only).
-    pub fn tracker(&self) -> Option<&DirtyTracker> {
+    pub fn tracker(&self) -> Option<&Arc<DirtyTracker>> {
         self.tracker.as_ref()
+    }
+
+    /// Copy every change into `capture` as disk `index` from now on (once).
+    pub fn attach_capture(&self, capture: Arc<Capture>, index: u16) -> bool {
+        self.capture.set((capture, index)).is_ok()
+    }
+
+    /// Capture the whole leaves around `range` as they are on disk now
+    /// (an unaligned write: its partial leaves are read back).
+    fn capture_readback(
+        &self,
+        c: &Capture,
+        disk: u16,
+        range: Range<u64>,
+    ) -> Result<(), DeviceError> {
+        let span = Capture::leaf_span(&range);
+        let end = span
+            .end
+            .min(self.size.next_multiple_of(rebound_types::LEAF_SIZE));
+        let mut buf = vec![0u8; (end - span.start) as usize];
+        let avail = self.size.saturating_sub(span.start).min(buf.len() as u64) as usize;
+        self.disk
+            .read_at(&mut buf[..avail], span.start)
+            .map_err(dev_err)?;
+        c.write(disk, span.start, &buf);
+        Ok(())
+    }
+
+    /// Capture a changed range: whole leaves of data, or of zeros.
+    fn capture_change(&self, range: Range<u64>, data: Option<&[u8]>) -> Result<(), DeviceError> {
+        let Some((c, disk)) = self.capture.get() else {
+            return Ok(());
+        };
+        let leaf = rebound_types::LEAF_SIZE;
+        let aligned = range.start.is_multiple_of(leaf) && range.end.is_multiple_of(leaf);
+        match data {
+            Some(d) if aligned => c.write(*disk, range.start, d),
+            Some(_) => self.capture_readback(c, *disk, range)?,
+            None => {
+                // Zeros: the aligned interior as a zero range, the edges read back.
+                let inner = range.start.next_multiple_of(leaf)..(range.end / leaf) * leaf;
+                if inner.start >= inner.end {
+                    return self.capture_readback(c, *disk, range);
+                }
+                if range.start < inner.start {
+                    self.capture_readback(c, *disk, range.start..inner.start)?;
+                }
+                c.zero(*disk, inner.clone());
+                if inner.end < range.end {
+                    self.capture_readback(c, *disk, inner.end..range.end)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn order(&self, range: &Range<u64>) -> Option<crate::capture::Ordered<'_>> {
+        self.capture
+            .get()
+            .map(|(c, disk)| c.order(*disk, Capture::leaf_span(range)))
     }
 
     /// Clean stop: later writes fail; the tracker records a clean close.
@@ -160,8 +224,14 @@ impl BlockDevice for DiskExport {
     }
 
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), DeviceError> {
-        let g = self.guard(offset..offset + data.len() as u64)?;
+        let range = offset..offset + data.len() as u64;
+        let g = self.guard(range.clone())?;
+        // Overlapping writes reach the disk and the stream in one order.
+        let o = self.order(&range);
         self.disk.write_at(data, offset).map_err(dev_err)?;
+        // Captured before the guard marks the leaves: see capture.rs, Marks.
+        self.capture_change(range, Some(data))?;
+        drop(o);
         drop(g);
         self.sync_if(fua)
     }
@@ -180,7 +250,8 @@ impl BlockDevice for DiskExport {
 
     fn trim(&self, range: Range<u64>, fua: bool) -> Result<(), DeviceError> {
         let g = self.guard(range.clone())?;
-        let punched = zeroing::punch_hole(&self.disk, range).map_err(dev_err)?;
+        let o = self.order(&range);
+        let punched = zeroing::punch_hole(&self.disk, range.clone()).map_err(dev_err)?;
         if !punched {
             // Trim is advisory: the data stays, nothing changed.
             if let Some(g) = g {
@@ -188,17 +259,24 @@ impl BlockDevice for DiskExport {
             }
             return Ok(());
         }
+        self.capture_change(range, None)?;
+        drop(o);
         drop(g);
         self.sync_if(fua)
     }
 
     fn write_zeroes(&self, range: Range<u64>, flags: ZeroFlags) -> Result<(), DeviceError> {
         let g = self.guard(range.clone())?;
+        let o = self.order(&range);
         if !flags.no_hole && zeroing::punch_hole(&self.disk, range.clone()).map_err(dev_err)? {
+            self.capture_change(range, None)?;
+            drop(o);
             drop(g);
             return self.sync_if(flags.fua);
         }
         if zeroing::zero_allocated(&self.disk, range.clone()).map_err(dev_err)? {
+            self.capture_change(range, None)?;
+            drop(o);
             drop(g);
             return self.sync_if(flags.fua);
         }
@@ -208,7 +286,9 @@ impl BlockDevice for DiskExport {
             }
             return Err(DeviceError::NotSupported);
         }
-        zeroing::write_zeros(&self.disk, range).map_err(dev_err)?;
+        zeroing::write_zeros(&self.disk, range.clone()).map_err(dev_err)?;
+        self.capture_change(range, None)?;
+        drop(o);
         drop(g);
         self.sync_if(flags.fua)
     }

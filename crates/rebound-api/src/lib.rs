@@ -416,6 +416,74 @@ pub struct AgentFacts {
     /// agent's clock): changesets closed after it are newer than the sync.
     #[serde(default)]
     pub sync_barrier_ns: Option<u64>,
+    /// The capture path's state (continuous replication), when the agent
+    /// replicates its item.
+    #[serde(default)]
+    pub replication: Option<ReplicationFacts>,
+}
+
+/// Which rung of the overload ladder an agent's replication is on
+/// (DESIGN.md §3): writes stream; or they wait in the agent's bounded log;
+/// or the log overflowed and the marked blocks are being resynchronised.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ReplicationState {
+    /// Every write is in the stream and the backlog is small.
+    Streaming,
+    /// The stream is behind (process server or master target slow or
+    /// unreachable): writes wait in the agent's bounded log.
+    Backlogged,
+    /// The log overflowed or a gap was found: the dirty bitmap holds what
+    /// the log dropped and the marked blocks are being shipped again.
+    Resyncing,
+}
+
+/// The capture path of an agent, as it reports it in its heartbeat.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ReplicationFacts {
+    pub state: ReplicationState,
+    /// Captured bytes not yet received by the process server.
+    pub backlog_bytes: u64,
+    /// Leaves marked in the dirty bitmaps still to resynchronise (bytes).
+    #[serde(default)]
+    pub resync_bytes: u64,
+    /// Estimated seconds until the backlog is shipped, at the recent rate.
+    #[serde(default)]
+    pub eta_secs: Option<u64>,
+    /// Last changeset sequence number closed by the agent.
+    pub captured_seq: u64,
+    /// Last changeset the process server has received.
+    pub shipped_seq: u64,
+    /// Last changeset the master target reported applied.
+    pub applied_seq: u64,
+}
+
+/// How far a master target has applied an agent's stream into the replica's
+/// journal; the agent keeps its marks until they are applied, and a gap makes
+/// it resynchronise.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ReplicaProgress {
+    /// The agent (component id) whose changesets these are.
+    pub agent_id: String,
+    /// Every changeset of that agent up to this sequence number is applied.
+    pub applied_seq: u64,
+    /// The apply stopped at `applied_seq` because the next changeset is
+    /// missing, corrupt or out of order.
+    #[serde(default)]
+    pub gap: Option<StreamGap>,
+    /// When the server received this report (RFC 3339; set by the server).
+    #[serde(default)]
+    pub updated_at: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct StreamGap {
+    /// The sequence number the master target expected next.
+    pub expected_seq: u64,
+    /// What it found instead (none: nothing complete arrived).
+    #[serde(default)]
+    pub found_seq: Option<u64>,
+    pub reason: String,
 }
 
 /// A heartbeat with the facts of the sending component's role.
@@ -548,6 +616,12 @@ pub struct Item {
     pub detached: Option<Detached>,
     /// The job running on the item, if any.
     pub job_id: Option<String>,
+    /// The capture path of the item's agent (from its last heartbeat).
+    #[serde(default)]
+    pub replication: Option<ReplicationFacts>,
+    /// How far the master target has applied the agent's stream.
+    #[serde(default)]
+    pub replica_progress: Option<ReplicaProgress>,
     pub created_at: String,
     pub updated_at: String,
 }
@@ -702,6 +776,10 @@ pub struct Policy {
     pub rpo_threshold_secs: u64,
     pub retention_secs: u64,
     pub app_consistent_frequency_secs: u64,
+    /// Interval of crash-consistent recovery points (barriers in the
+    /// change stream).
+    #[serde(default = "default_crash_consistent_secs")]
+    pub crash_consistent_frequency_secs: u64,
     /// Failback policies are read-only.
     pub read_only: bool,
     /// On a replication policy: its failback policy.
@@ -717,6 +795,18 @@ pub struct NewPolicy {
     pub rpo_threshold_secs: u64,
     pub retention_secs: u64,
     pub app_consistent_frequency_secs: u64,
+    /// Default 5 s; 1 to 3600.
+    #[serde(default = "default_crash_consistent_secs")]
+    #[schema(default = 5, minimum = 1, maximum = 3600)]
+    pub crash_consistent_frequency_secs: u64,
+}
+
+/// Crash-consistent points every 5 s unless a policy says otherwise (the
+/// failback policy too).
+pub const DEFAULT_CRASH_CONSISTENT_SECS: u64 = 5;
+
+fn default_crash_consistent_secs() -> u64 {
+    DEFAULT_CRASH_CONSISTENT_SECS
 }
 
 /// The failback policy created with every replication policy.

@@ -108,8 +108,8 @@ fn freeze_and_thaw_hooks_make_app_consistent_points() {
 #[test]
 fn master_target_and_process_server_outages_lose_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
-    // A tiny outbox bound: while the process server is down the agent stops
-    // closing cycles and keeps its dirty bitmap.
+    // A tiny outbox bound: while the process server is down the capture
+    // queue overflows into the dirty bitmap, and a resync follows.
     let mut lab = lab(
         dir.path(),
         vec![("REBOUND_OUTBOX_LIMIT_MIB".into(), "0".into())],

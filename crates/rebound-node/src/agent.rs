@@ -2,28 +2,34 @@
 //!
 //! It serves the machine's disks over NBD (so it is in the write path),
 //! enrols and heartbeats, attaches itself to the machine's replicated item
-//! when it runs at the item's active site, and replicates by cycles: every
-//! interval it holds writes on all disks for an instant (the cycle's
-//! barrier: a crash-consistent point of the machine), copies the leaves
-//! marked since the last cycle into a changeset file, releases writes, and
-//! ships the file through the process server to the master target. It also
-//! serves its disks read-only on a data port, from which master targets pull
-//! whole-disk syncs, and runs the machine's workload.
+//! when it runs at the item's active site, and replicates continuously:
+//! every write is captured in the write path (`rebound_agent::Capture`),
+//! spooled into bounded changeset files in the outbox
+//! (`rebound_agent::Spool`), and shipped by a shipper thread through the
+//! process server to the master target. Recovery points are barriers in that
+//! stream at the policy's crash-consistent frequency (and app-consistent ones
+//! through the machine's freeze/thaw hooks): no write waits for a copy. The
+//! marks of the dirty bitmap are cleared only once the master target reports
+//! the point applied. It also serves its disks read-only on a data port,
+//! from which master targets pull whole-disk syncs, and runs the machine's
+//! workload.
 
-use crate::changeset::{self, Closes, Header};
 use crate::client::{Api, Identity, data_token};
 use crate::machine::{Machine, Manifest};
+use crate::ship::{ShipTarget, Shipper};
 use anyhow::{Context, bail};
-use rebound_agent::{DiskExport, ExportSpec, Marker};
+use rebound_agent::changeset::{self, Closes};
+use rebound_agent::{
+    Capture, CaptureMode, DiskExport, ExportSpec, Marker, Spool, SpoolConfig, StreamOwner,
+};
 use rebound_api::{
-    AgentFacts, ComponentRole, Heartbeat, Item, Phase, SiteRole, StepReport, StepState,
+    AgentFacts, ComponentRole, Heartbeat, Item, Phase, ReplicationFacts, ReplicationState,
+    SiteRole, StepReport, StepState,
 };
 use rebound_delta::RemoteAddr;
-use rebound_disk::Disk;
 use rebound_nbd::{
     BlockDevice, Caps, DeviceError, Extent, ListenAddr, Listener, Server, ZeroFlags,
 };
-use rebound_types::{Coded, ErrorCode, LEAF_SIZE};
 use std::net::TcpListener;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -47,15 +53,16 @@ pub struct AgentConfig {
     pub server: String,
     pub site: String,
     pub registration_key: String,
-    /// Replication cycle (RPO), default 30 s.
+    /// Crash-consistent point interval when the item's policy cannot be
+    /// read (the policy's setting wins).
     pub interval: Duration,
     pub heartbeat: Duration,
     /// Address the data port binds (port 0: any free port).
     pub data_listen: String,
 }
 
-/// Writes wait here while a cycle takes its barrier; once the machine is
-/// stopped every write is refused.
+/// Writes wait here while the machine is suspended; once it is stopped
+/// every write is refused.
 #[derive(Default)]
 pub struct Hold {
     gate: RwLock<()>,
@@ -136,24 +143,34 @@ struct Agent {
     id: Identity,
     site_id: String,
     data_addr: String,
-    token: rebound_wire::Token,
     /// Our site's role for the current item (primary or recovery).
     item: Option<Item>,
     sync_barrier: Option<SyncBarrier>,
-    next_seq: u64,
+    capture: Arc<Capture>,
+    spool: Spool,
+    shipper: Shipper,
+    /// Dirty-state checkpoints (intent regions leave after idleness).
+    _persister: rebound_agent::Persister,
+    /// A gap the master target reports below this was made before our last
+    /// restart of the stream: that restart covers it.
+    restart_floor: u64,
+    /// The item's policy: (policy id, crash-consistent, app-consistent
+    /// interval), read again now and then.
+    policy: Option<(String, Duration, Duration, Instant)>,
+    last_point: Instant,
+    state: ReplicationState,
     workload: Option<Child>,
     nbd_stop: Option<tokio::sync::oneshot::Sender<()>>,
     stopped: bool,
     /// The machine's freeze/thaw hooks, if it has any (`hooks.json`).
     hooks: Option<AppHooks>,
     last_app_point: Option<Instant>,
-    /// The outbox is over its bound: cycles wait, leaves stay marked.
-    backlogged: bool,
 }
 
 /// Application-consistency hooks of a machine (`MACHINE/hooks.json`): the
-/// agent runs `freeze` before a cycle's barrier and `thaw` after it, every
-/// `every_secs`; such a cycle closes an app-consistent point.
+/// agent runs `freeze`, closes an app-consistent point with a barrier, then
+/// runs `thaw`, at the policy's app-consistent frequency (`every_secs` when
+/// the policy cannot be read).
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct AppHooks {
     pub freeze: Vec<String>,
@@ -167,17 +184,32 @@ fn default_app_every() -> u64 {
 }
 
 /// Bound of the agent's outbox of changesets not yet shipped
-/// (`REBOUND_OUTBOX_LIMIT_MIB`, default 256 MiB). Past it the agent stops
-/// closing cycles and keeps its dirty bitmap instead: when the backlog
-/// drains, one cycle ships everything still marked — a delta, never a full
+/// (`REBOUND_OUTBOX_LIMIT_MIB`, default 1 GiB). Past it the capture queue
+/// fills and overflows into the dirty bitmap; once the outbox has drained
+/// to half, a resync ships everything still marked — a delta, never a full
 /// copy.
 fn outbox_limit() -> u64 {
-    std::env::var("REBOUND_OUTBOX_LIMIT_MIB")
+    env_mib("REBOUND_OUTBOX_LIMIT_MIB", 1024)
+}
+
+/// Bound of the in-memory capture queue (`REBOUND_CAPTURE_QUEUE_MIB`,
+/// default 64 MiB).
+fn capture_limit() -> u64 {
+    env_mib("REBOUND_CAPTURE_QUEUE_MIB", 64)
+}
+
+fn env_mib(var: &str, default: u64) -> u64 {
+    std::env::var(var)
         .ok()
         .and_then(|v| v.parse::<u64>().ok())
-        .unwrap_or(256)
+        .unwrap_or(default)
         << 20
 }
+
+/// The backlog under which the stream counts as `streaming`.
+const STREAMING_BACKLOG: u64 = 128 << 20;
+/// How often the agent reads its item's policy again.
+const POLICY_EVERY: Duration = Duration::from_secs(30);
 
 fn run_hook(argv: &[String], what: &str) -> anyhow::Result<()> {
     let Some((cmd, args)) = argv.split_first() else {
@@ -330,7 +362,38 @@ pub fn run(cfg: AgentConfig, shutdown: Arc<AtomicBool>) -> anyhow::Result<()> {
     let api = api.with_token(id.token.clone());
     let me = api.component(&id.component_id)?;
 
-    let next_seq = load_seq(&machine)? + 1;
+    // The change stream: capture in the write path, spooled into the outbox.
+    let trackers: Vec<_> = exports
+        .iter()
+        .filter_map(|e| e.tracker().cloned())
+        .collect();
+    let capture = Capture::new(trackers, capture_limit());
+    for (i, e) in exports.iter().enumerate() {
+        e.attach_capture(capture.clone(), i as u16);
+    }
+    let spool = Spool::start(
+        SpoolConfig {
+            outbox: outbox(&machine),
+            disks: manifest
+                .disks
+                .iter()
+                .map(|d| machine.disk_path(&d.name))
+                .collect(),
+            disk_sizes: exports.iter().map(|e| e.size()).collect(),
+            file_cap: rebound_agent::spool::FILE_CAP,
+            outbox_limit: outbox_limit(),
+            last_seq: load_seq(&machine)?,
+        },
+        capture.clone(),
+    )?;
+    let shipper = Shipper::start(
+        api.clone(),
+        token.clone(),
+        outbox(&machine),
+        spool.floor_watch(),
+    );
+    let persister = rebound_agent::spawn_persister(exports.clone(), Duration::from_secs(5));
+
     let sync_barrier = std::fs::read(machine.state_dir().join("sync-barrier.json"))
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok());
@@ -343,18 +406,21 @@ pub fn run(cfg: AgentConfig, shutdown: Arc<AtomicBool>) -> anyhow::Result<()> {
         id,
         site_id: me.site_id,
         data_addr,
-        token,
         item: None,
         sync_barrier,
-        next_seq,
+        capture,
+        spool,
+        shipper,
+        _persister: persister,
+        restart_floor: 0,
+        policy: None,
+        last_point: Instant::now(),
+        state: ReplicationState::Resyncing,
         workload: None,
         nbd_stop: Some(nbd_stop),
         stopped: false,
-        hooks: std::fs::read(machine.dir.join("hooks.json"))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok()),
+        hooks: load_hooks(&machine),
         last_app_point: None,
-        backlogged: false,
         cfg,
     };
     agent.start_workload()?;
@@ -414,16 +480,28 @@ fn outbox(m: &Machine) -> PathBuf {
     m.state_dir().join("outbox")
 }
 
+/// The highest sequence number this machine's agent may have used (the
+/// spool's ceiling; `state/seq` of agents before the change stream).
 fn load_seq(m: &Machine) -> anyhow::Result<u64> {
-    let persisted = std::fs::read_to_string(m.state_dir().join("seq"))
+    let old = std::fs::read_to_string(m.state_dir().join("seq"))
         .ok()
         .and_then(|s| s.trim().parse::<u64>().ok())
         .unwrap_or(0);
-    let queued = changeset::queued(&outbox(m))?
-        .last()
-        .map(|(s, _)| *s)
-        .unwrap_or(0);
-    Ok(persisted.max(queued))
+    Ok(old.max(rebound_agent::spool::last_seq(&outbox(m))?))
+}
+
+/// The machine's freeze/thaw hooks; a malformed file is reported, not
+/// silently ignored (its points would be crash-consistent only).
+fn load_hooks(m: &Machine) -> Option<AppHooks> {
+    let p = m.dir.join("hooks.json");
+    let bytes = std::fs::read(&p).ok()?;
+    match serde_json::from_slice(&bytes) {
+        Ok(h) => Some(h),
+        Err(e) => {
+            warn!(path = %p.display(), error = %e, "hooks.json is malformed: no app-consistent points until it is fixed");
+            None
+        }
+    }
 }
 
 impl Agent {
@@ -531,6 +609,7 @@ impl Agent {
                 suspended: self.hold.suspended.load(SeqCst),
                 sync_barrier: self.sync_barrier.as_ref().map(|b| b.job.clone()),
                 sync_barrier_ns: self.sync_barrier.as_ref().map(|b| b.at_ns),
+                replication: self.replication_facts(),
             }),
             data_addr: Some(self.data_addr.clone()),
             ..Default::default()
@@ -542,7 +621,6 @@ impl Agent {
 
     fn main_loop(&mut self, shutdown: &AtomicBool) -> anyhow::Result<()> {
         let mut last_hb = Instant::now() - self.cfg.heartbeat;
-        let mut last_cycle = Instant::now();
         let mut last_poll = Instant::now() - POLL_EVERY;
         while !shutdown.load(SeqCst) {
             if let Some(c) = &mut self.workload
@@ -567,20 +645,17 @@ impl Agent {
             if polled {
                 self.do_work();
             }
-            if self.should_replicate() && last_cycle.elapsed() >= self.cfg.interval {
-                last_cycle = Instant::now();
-                if let Err(e) = self.cycle() {
-                    warn!(error = %e, "replication cycle failed; the leaves stay marked");
-                }
-            }
-            if let Err(e) = self.ship() {
-                warn!(error = %e, "shipping changesets failed; retrying next cycle");
+            let before = self.state;
+            self.replicate();
+            if self.state != before {
+                self.heartbeat();
+                last_hb = Instant::now();
             }
             if self.stopped && self.no_longer_needed() {
                 info!("machine stopped and no job needs its disks: agent exits");
                 return Ok(());
             }
-            std::thread::sleep(Duration::from_millis(200));
+            std::thread::sleep(Duration::from_millis(50));
         }
         Ok(())
     }
@@ -680,12 +755,13 @@ impl Agent {
                     && self.our_role(&item) == Some(item.state.direction.source());
                 if succeeded {
                     // Everything queued before the sync is in the new replica:
-                    // older changesets must not follow it anywhere.
-                    if let Ok(q) = changeset::queued(&outbox(&self.machine)) {
-                        for (_, p) in q {
-                            let _ = rebound_disk::crashsafe::remove_file_durable(&p);
-                        }
-                    }
+                    // older changesets must not follow it anywhere (the
+                    // stream is off during the sync; it restarts with a
+                    // resync of the leaves marked since the barrier).
+                    self.capture.stop();
+                    self.shipper.set_target(None);
+                    self.shipper.clear_outbox(self.spool.assigned());
+                    self.spool.forget_points();
                     for (e, m) in self.exports.iter().zip(&b.markers) {
                         if let Some(t) = e.tracker() {
                             let leaves = t.leaf_count();
@@ -737,170 +813,209 @@ impl Agent {
             && item.process_server_id.is_some()
     }
 
-    /// One replication cycle: barrier under the hold, copy marked leaves to
-    /// a durable changeset, release, acknowledge.
-    fn cycle(&mut self) -> anyhow::Result<()> {
-        let Some(item) = self.item.clone() else {
-            return Ok(());
+    /// The item's crash-consistent and app-consistent intervals (its
+    /// policy's, read again every 30 s; the agent's configured interval and
+    /// the hooks' own period when there is none).
+    fn intervals(&mut self) -> (Duration, Duration) {
+        let fallback = (
+            self.cfg.interval,
+            Duration::from_secs(self.hooks.as_ref().map_or(3600, |h| h.every_secs)),
+        );
+        let Some(pid) = self.item.as_ref().and_then(|i| i.policy_id.clone()) else {
+            return fallback;
         };
-        let queued: u64 = changeset::queued(&outbox(&self.machine))?
-            .iter()
-            .filter_map(|(_, p)| std::fs::metadata(p).ok())
-            .map(|m| m.len())
-            .sum();
-        if queued > outbox_limit() {
-            if !self.backlogged {
-                warn!(
-                    queued,
-                    "outbox full: cycles wait, changed leaves stay marked"
-                );
-            }
-            self.backlogged = true;
-            return Ok(());
-        }
-        self.backlogged = false;
-        let seq = self.next_seq;
-        let path = outbox(&self.machine).join(changeset::file_name(seq));
-        // Quiesce the application first (its own flushes still go through),
-        // then hold writes for the barrier; thaw once writes are released.
-        let app_due = self.hooks.as_ref().is_some_and(|h| {
-            self.last_app_point
-                .is_none_or(|t| t.elapsed() >= Duration::from_secs(h.every_secs))
-        });
-        let mut closes = Closes::CrashConsistent;
-        let mut thaw = None;
-        if let (true, Some(h)) = (app_due, self.hooks.clone()) {
-            match run_hook(&h.freeze, "freeze") {
-                Ok(()) => {
-                    closes = Closes::AppConsistent;
-                    thaw = Some(h.thaw);
+        let fresh = self
+            .policy
+            .as_ref()
+            .is_some_and(|(id, _, _, at)| *id == pid && at.elapsed() < POLICY_EVERY);
+        if !fresh {
+            match self.api.policy(&pid) {
+                Ok(p) => {
+                    let crash = Duration::from_secs(p.crash_consistent_frequency_secs.max(1));
+                    let app = Duration::from_secs(p.app_consistent_frequency_secs.max(1));
+                    if self
+                        .policy
+                        .as_ref()
+                        .is_none_or(|(_, c, a, _)| (*c, *a) != (crash, app))
+                    {
+                        info!(policy = %pid, crash_secs = crash.as_secs(), app_secs = app.as_secs(), "recovery point intervals");
+                    }
+                    self.policy = Some((pid, crash, app, Instant::now()));
                 }
-                Err(e) => warn!(error = %e, "freeze failed: this point is crash-consistent only"),
-            }
-        }
-        let header = Header {
-            item: item.id.clone(),
-            seq,
-            barrier_ns: 0,
-            closes,
-            disk_sizes: self.exports.iter().map(|e| e.size()).collect(),
-        };
-        let mut marked = Vec::new();
-        // Whatever happens while frozen, thaw afterwards.
-        let captured = (|| -> anyhow::Result<(changeset::Writer, u64)> {
-            let disks: Vec<Disk> = self
-                .manifest
-                .disks
-                .iter()
-                .map(|d| Disk::open_read(&self.machine.disk_path(&d.name)))
-                .collect::<Result<_, _>>()?;
-            // Every acknowledged write is in the disks; none is in flight.
-            let _g = self.hold.gate.write().unwrap_or_else(|p| p.into_inner());
-            let barrier_ns = now_ns();
-            let mut h = header.clone();
-            h.barrier_ns = barrier_ns;
-            let mut w = changeset::Writer::create(&path, &h)?;
-            for (i, e) in self.exports.iter().enumerate() {
-                let Some(t) = e.tracker() else { continue };
-                let m = t.barrier()?;
-                let runs = t.changed_since(Marker::ORIGIN);
-                let size = e.size();
-                let mut buf = Vec::new();
-                for r in &runs {
-                    let start = r.start * LEAF_SIZE;
-                    let end = (r.end * LEAF_SIZE).min(size.next_multiple_of(LEAF_SIZE));
-                    let mut off = start;
-                    while off < end {
-                        let n = (end - off).min(8 << 20);
-                        buf.resize(n as usize, 0);
-                        read_padded(&disks[i], &mut buf, off, size)?;
-                        w.record(i as u16, off, &buf)?;
-                        off += n;
+                Err(e) => {
+                    debug!(error = %e, "reading the policy failed");
+                    if self.policy.is_none() {
+                        return fallback;
                     }
                 }
-                marked.push((i, m, runs));
-            }
-            Ok((w, barrier_ns))
-        })();
-        if let Some(t) = thaw {
-            if let Err(e) = run_hook(&t, "thaw") {
-                warn!(error = %e, "thaw failed");
-            }
-            self.last_app_point = Some(Instant::now());
-        }
-        let (writer, barrier_ns) = captured?;
-        let bytes = writer.data_bytes;
-        writer.finish()?;
-        rebound_disk::crashsafe::write_file_durable(
-            &self.machine.state_dir().join("seq"),
-            seq.to_string().as_bytes(),
-        )?;
-        self.next_seq = seq + 1;
-        // The changeset is durable: the leaves no longer need their marks.
-        for (i, m, runs) in marked {
-            if let Some(t) = self.exports[i].tracker() {
-                t.acknowledge(m, &runs);
-                t.persist()?;
             }
         }
-        info!(seq, bytes, barrier_ns, "cycle closed");
-        Ok(())
+        self.policy
+            .as_ref()
+            .map_or(fallback, |(_, c, a, _)| (*c, *a))
     }
 
-    /// Push queued changesets, oldest first, to the item's process server.
-    fn ship(&mut self) -> anyhow::Result<()> {
-        let queued = changeset::queued(&outbox(&self.machine))?;
-        if queued.is_empty() {
-            return Ok(());
-        }
-        let Some(item) = self.item.clone() else {
-            return Ok(());
-        };
-        let Some(ps) = item.process_server_id.clone() else {
-            return Ok(());
-        };
-        let ps_component = self.api.component(&ps)?;
-        let Some(addr) = ps_component.data_addr else {
-            bail!("process server {ps} has not reported its data port yet");
-        };
-        if let Some(f) = &ps_component.process_server
-            && f.cache_limit_bytes > 0
-            && f.cache_used_bytes >= f.cache_limit_bytes
-        {
-            // Back-pressure: the changesets wait here, then the bitmap.
-            debug!(
-                used = f.cache_used_bytes,
-                "process server cache full; not pushing"
-            );
-            return Ok(());
-        }
-        for (seq, path) in queued {
-            let h = changeset::verify(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
-            let name = format!(
-                "{}/{}/{}",
-                crate::process::CACHE_DIR,
-                h.item,
-                changeset::file_name(seq)
-            );
-            let remote = remote_addr(&addr, &name)?;
-            let opts = rebound_delta::Options {
-                full: true,
-                ..Default::default()
-            };
-            match rebound_delta::push(&path, &remote, &self.token, &opts, None) {
-                // The process server's own bound (its heartbeat may be older
-                // than its cache): back-pressure, not a failure.
-                Err(e) if e.code() == ErrorCode::CacheFull => {
-                    debug!(error = %e, "process server cache full; changesets wait here");
-                    return Ok(());
+    /// Keep the change stream in step with the item: start it (with a resync
+    /// of every marked leaf) when the agent should replicate, stop it when
+    /// not, restart it after an overflow or a gap, close recovery points,
+    /// and clear marks the master target has applied.
+    fn replicate(&mut self) {
+        let want = self.should_replicate();
+        let mode = self.capture.mode();
+        match (want, mode) {
+            (false, CaptureMode::Off) => {}
+            (false, _) => {
+                info!("replication paused: writes are only marked");
+                self.capture.stop();
+            }
+            (true, CaptureMode::Off) => {
+                if let Some(item) = &self.item {
+                    self.spool.set_owner(Some(StreamOwner {
+                        item: item.id.clone(),
+                        agent: self.id.component_id.clone(),
+                    }));
+                    self.shipper
+                        .set_target(item.process_server_id.clone().map(|ps| ShipTarget {
+                            item_id: item.id.clone(),
+                            process_server_id: ps,
+                        }));
                 }
-                r => {
-                    r?;
+                info!("change stream starts: resync of the marked leaves, then every write");
+                self.restart_stream();
+            }
+            (true, CaptureMode::Overflowed) => {
+                if changeset::queued_bytes(&outbox(&self.machine)) <= outbox_limit() / 2 {
+                    info!("the outbox drained: resync of the leaves marked meanwhile");
+                    self.restart_stream();
                 }
             }
-            rebound_disk::crashsafe::remove_file_durable(&path)?;
+            (true, CaptureMode::On) => {}
         }
-        Ok(())
+        if want && let Some(item) = &self.item {
+            self.shipper
+                .set_target(item.process_server_id.clone().map(|ps| ShipTarget {
+                    item_id: item.id.clone(),
+                    process_server_id: ps,
+                }));
+        }
+        self.acknowledge_applied();
+        if !want {
+            self.track_state();
+            return;
+        }
+        let (crash, app) = self.intervals();
+        let app_due =
+            self.hooks.is_some() && self.last_app_point.is_none_or(|t| t.elapsed() >= app);
+        if app_due && self.capture.mode() == CaptureMode::On && !self.capture.resync_pending() {
+            self.app_point();
+        } else if self.last_point.elapsed() >= crash
+            && self.capture.barrier(Closes::CrashConsistent).is_some()
+        {
+            self.last_point = Instant::now();
+        }
+        self.track_state();
+    }
+
+    fn restart_stream(&mut self) {
+        self.restart_floor = self.spool.assigned() + 1;
+        self.capture.start();
+    }
+
+    /// Freeze the application, close an app-consistent point, thaw.
+    fn app_point(&mut self) {
+        let Some(h) = self.hooks.clone() else { return };
+        let closes = match run_hook(&h.freeze, "freeze") {
+            Ok(()) => Closes::AppConsistent,
+            Err(e) => {
+                warn!(error = %e, "freeze failed: this point is crash-consistent only");
+                Closes::CrashConsistent
+            }
+        };
+        let at = self.capture.barrier(closes);
+        if closes == Closes::AppConsistent
+            && let Err(e) = run_hook(&h.thaw, "thaw")
+        {
+            warn!(error = %e, "thaw failed");
+        }
+        self.last_app_point = Some(Instant::now());
+        if at.is_some() {
+            self.last_point = Instant::now();
+            info!(?closes, "application-consistent point closed");
+        }
+    }
+
+    /// The master target's progress on our stream: clear the marks of what
+    /// it applied; restart the stream after a gap it found.
+    fn acknowledge_applied(&mut self) {
+        let Some(p) = self.item.as_ref().and_then(|i| i.replica_progress.clone()) else {
+            return;
+        };
+        if p.agent_id != self.id.component_id {
+            return;
+        }
+        if let Some(seq) = self.spool.applied(p.applied_seq) {
+            for e in &self.exports {
+                if let Some(t) = e.tracker()
+                    && let Err(err) = t.persist()
+                {
+                    warn!(disk = e.name(), error = %err, "persisting the dirty state failed");
+                }
+            }
+            debug!(seq, "marks cleared up to an applied point");
+        }
+        if let Some(g) = &p.gap
+            && g.expected_seq >= self.restart_floor
+            && self.should_replicate()
+        {
+            warn!(
+                expected = g.expected_seq,
+                found = ?g.found_seq,
+                reason = %g.reason,
+                "the master target found a gap in the stream: resync of every leaf not applied"
+            );
+            self.restart_stream();
+        }
+    }
+
+    fn replication_facts(&self) -> Option<ReplicationFacts> {
+        if !self.should_replicate() {
+            return None;
+        }
+        let backlog = self.capture.queued_bytes() + changeset::queued_bytes(&outbox(&self.machine));
+        let resync = self.spool.resync_left();
+        let rate = self.shipper.rate();
+        let applied = self
+            .item
+            .as_ref()
+            .and_then(|i| i.replica_progress.as_ref())
+            .filter(|p| p.agent_id == self.id.component_id)
+            .map_or(0, |p| p.applied_seq);
+        Some(ReplicationFacts {
+            state: self.state,
+            backlog_bytes: backlog,
+            resync_bytes: resync,
+            eta_secs: (rate > 0).then(|| (backlog + resync).div_ceil(rate)),
+            captured_seq: self.spool.last_closed(),
+            shipped_seq: self.shipper.shipped_seq(),
+            applied_seq: applied,
+        })
+    }
+
+    /// The rung of the overload ladder, logged when it changes.
+    fn track_state(&mut self) {
+        let backlog = self.capture.queued_bytes() + changeset::queued_bytes(&outbox(&self.machine));
+        let state = match self.capture.mode() {
+            CaptureMode::Overflowed => ReplicationState::Resyncing,
+            _ if self.capture.resync_pending() => ReplicationState::Resyncing,
+            _ if backlog > STREAMING_BACKLOG || self.shipper.failing() => {
+                ReplicationState::Backlogged
+            }
+            _ => ReplicationState::Streaming,
+        };
+        if state != self.state {
+            info!(from = ?self.state, to = ?state, backlog, "replication state changed");
+            self.state = state;
+        }
     }
 
     /// Steps assigned to this agent (stop the source for phase 2).
@@ -920,12 +1035,10 @@ impl Agent {
                     self.stop_machine();
                     // Stopped on purpose: the node must not restart it.
                     let _ = std::fs::remove_file(self.machine.dir.join("want-running"));
-                    // Writes are over: one last cycle brings the journal to
-                    // the machine's final state. Best effort: the final delta
+                    // Writes are over: a last point brings the journal to the
+                    // machine's final state. Best effort: the final delta
                     // sync compares the disks themselves.
-                    if let Err(e) = self.cycle().and_then(|_| self.ship()) {
-                        warn!(error = %e, "last cycle after stopping failed");
-                    }
+                    self.final_point();
                     Ok(())
                 }
                 other => Err(anyhow::anyhow!("an agent does not run step {other}")),
@@ -951,6 +1064,29 @@ impl Agent {
             }
             self.heartbeat();
         }
+    }
+
+    /// After the machine stopped: close a last point and give the shipper a
+    /// moment to hand it to the process server.
+    fn final_point(&mut self) {
+        if self.capture.barrier(Closes::CrashConsistent).is_none() {
+            return;
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut closed = false;
+        while Instant::now() < deadline {
+            if !closed && self.spool.floor() > self.spool.assigned() {
+                closed = true;
+            }
+            if closed && changeset::queued(&outbox(&self.machine)).is_ok_and(|q| q.is_empty()) {
+                info!("last point handed to the process server");
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        warn!(
+            "the last point is still in the outbox; it ships when the process server can take it"
+        );
     }
 
     fn no_longer_needed(&self) -> bool {
@@ -982,15 +1118,6 @@ fn replicating(p: Phase) -> bool {
             | Phase::FailoverSyncing
             | Phase::FailoverSynced
     )
-}
-
-/// Read `buf.len()` bytes at `off`; past the end of the disk reads zeros
-/// (the last leaf of a disk whose size is not a leaf multiple).
-fn read_padded(d: &Disk, buf: &mut [u8], off: u64, size: u64) -> anyhow::Result<()> {
-    let avail = size.saturating_sub(off).min(buf.len() as u64) as usize;
-    d.read_at(&mut buf[..avail], off)?;
-    buf[avail..].fill(0);
-    Ok(())
 }
 
 pub fn remote_addr(host_port: &str, name: &str) -> anyhow::Result<RemoteAddr> {

@@ -162,6 +162,23 @@ impl Api {
     pub fn points(&self, item: &str) -> CallResult<Vec<RecoveryPoint>> {
         self.get(&format!("/items/{item}/points"))
     }
+
+    /// How far this master target has applied an agent's stream.
+    pub fn report_progress(
+        &self,
+        item: &str,
+        p: &rebound_api::ReplicaProgress,
+    ) -> CallResult<Item> {
+        self.send(
+            self.http
+                .put(self.url(&format!("/items/{item}/replica-progress")))
+                .json(p),
+        )
+    }
+
+    pub fn policy(&self, id: &str) -> CallResult<rebound_api::Policy> {
+        self.get(&format!("/policies/{id}"))
+    }
 }
 
 /// A component's credentials, kept in a 0600 file so a restarted component

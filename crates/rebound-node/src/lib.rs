@@ -2,10 +2,11 @@
 //! roles, the agent that runs with each machine, and the `local` driver that
 //! hosts machines as directories.
 //!
-//! Data flows: an agent closes a replication cycle under a write hold (a
-//! crash-consistent instant of all the machine's disks), writes the changed
-//! leaves as a checksummed changeset file, and pushes it with the delta-sync
-//! engine to its site's process server; the process server keeps it in a
+//! Data flows: an agent captures every write in the write path and spools
+//! the stream into bounded, checksummed changeset files (a barrier in the
+//! stream closes a crash-consistent point of all the machine's disks); its
+//! shipper pushes them with the delta-sync engine to the site's process
+//! server; the process server keeps them in a
 //! durable cache and forwards it, in order, to the master target of the
 //! other site, which appends it to the item's journal and reports the
 //! recovery point. Whole-disk syncs (initial sync, reprotect, failback) are
@@ -13,10 +14,10 @@
 //! staged copy that is switched in only when the job succeeds.
 
 pub mod agent;
-pub mod changeset;
 pub mod client;
 pub mod facts;
 pub mod machine;
 pub mod node;
 pub mod process;
+pub mod ship;
 pub mod target;

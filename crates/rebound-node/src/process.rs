@@ -6,8 +6,8 @@
 //! master target outage does not stop the agents: changesets wait here.
 
 use crate::agent::remote_addr;
-use crate::changeset;
 use crate::client::Api;
+use rebound_agent::changeset;
 use rebound_api::ProcessServerFacts;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -84,7 +84,7 @@ pub fn forward_loop(
                 addrs.remove(&item);
             }
         }
-        std::thread::sleep(Duration::from_millis(200));
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

@@ -14,10 +14,10 @@
 //!   driver).
 
 use crate::agent::{MANIFEST_COPY, remote_addr};
-use crate::changeset::{self, Closes};
 use crate::client::Api;
 use crate::machine::{self, Machine, Manifest};
 use anyhow::{Context, anyhow, bail};
+use rebound_agent::changeset::{self, Closes};
 use rebound_api::{
     Action, FailoverKind, Item, Job, Location, NewRecoveryPoint, Phase, PointKind, StepReport,
     StepState, WorkItem,
@@ -32,7 +32,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use tracing::{info, info_span, warn};
+use tracing::{debug, info, info_span, warn};
 
 /// What the master target role needs to know about its node.
 #[derive(Clone, Debug)]
@@ -60,6 +60,9 @@ pub struct ReplicaMeta {
     /// Changesets whose barrier is older than this are already in the base.
     pub base_after_ns: u64,
     pub applied_seq: u64,
+    /// The agent whose stream `applied_seq` counts (its component id).
+    #[serde(default)]
+    pub agent: String,
     pub manifest: Option<Manifest>,
 }
 
@@ -259,7 +262,7 @@ impl TargetRole {
                     warn!(item = %item, error = %e, "applying changesets failed");
                 }
             }
-            std::thread::sleep(Duration::from_millis(200));
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 
@@ -326,6 +329,11 @@ impl TargetRole {
             .remove(item_id);
     }
 
+    /// Apply arriving changesets in stream order. Continuity is checked:
+    /// the next file of the replica's agent must be `applied + 1`, or a
+    /// `restart` (a resync covering everything not applied); anything else
+    /// — a missing, corrupt or foreign file — stops the apply at the last
+    /// good point and is reported as a gap, so the agent resynchronises.
     fn apply_item(&self, item_id: &str) -> anyhow::Result<()> {
         let dir = self.incoming(item_id);
         let queued = changeset::queued(&dir)?;
@@ -336,77 +344,188 @@ impl TargetRole {
             // No replica yet (its sync is running): the changesets wait.
             return Ok(());
         };
-        for (seq, path) in queued {
-            let header = match changeset::verify(&path) {
-                Ok(h) => h,
-                Err(changeset::ChangesetError::Invalid(m)) => {
-                    // Still arriving: stop here, in order.
-                    tracing::debug!(seq, reason = %m, "changeset not complete yet");
-                    return Ok(());
+        let headers: Vec<Option<changeset::Header>> = queued
+            .iter()
+            .map(|(_, p)| changeset::verify(p).ok())
+            .collect();
+        // A restart supersedes everything queued before it.
+        let start = headers
+            .iter()
+            .rposition(|h| {
+                h.as_ref().is_some_and(|h| {
+                    h.restart
+                        && h.barrier_ns > meta.base_after_ns
+                        && (h.agent != meta.agent || h.seq > meta.applied_seq)
+                })
+            })
+            .unwrap_or(0);
+        for (_, p) in &queued[..start] {
+            crashsafe::remove_file_durable(p)?;
+        }
+        let before = (meta.agent.clone(), meta.applied_seq);
+        let mut gap = None;
+        for (i, (seq, path)) in queued.iter().enumerate().skip(start) {
+            let seq = *seq;
+            let Some(header) = headers[i].clone() else {
+                // The process server forwards in order: a later complete
+                // file means this one will never be whole.
+                if headers[i + 1..].iter().any(Option::is_some) {
+                    let aside = dir.join("rejected");
+                    crashsafe::create_dir_all_durable(&aside)?;
+                    crashsafe::durable_rename(path, &aside.join(changeset::file_name(seq)))?;
+                    warn!(
+                        item = item_id,
+                        seq, "corrupt changeset set aside: the apply stops here"
+                    );
+                    gap = Some((seq, format!("changeset {seq} is corrupt")));
+                } else {
+                    debug!(seq, "changeset not complete yet");
                 }
-                Err(e) => return Err(anyhow!("{e}")),
+                break;
             };
-            if seq <= meta.applied_seq || header.barrier_ns <= meta.base_after_ns {
-                // Already applied, or older than the replica's base.
-                crashsafe::remove_file_durable(&path)?;
-                continue;
-            }
             if header.item != item_id || header.disk_sizes.len() != meta.disks.len() {
                 bail!(
                     "E{} changeset {seq} does not match the replica of {item_id}",
                     ErrorCode::InvalidRequest.number()
                 );
             }
-            let kind = match header.closes {
-                Closes::CrashConsistent => rebound_journal::PointKind::CrashConsistent,
-                Closes::AppConsistent => rebound_journal::PointKind::AppConsistent,
-            };
-            let point = self.with_journal(&meta, |j| {
-                // Large changesets go in parts; only the last closes the point.
-                let mut cs = Changeset::new().at(header.barrier_ns);
-                let mut bytes = 0usize;
-                changeset::read_records(&path, |disk, off, data| {
-                    bytes += data.len();
-                    cs.writes.push(rebound_journal::Write {
-                        disk,
-                        offset: off,
-                        data,
-                    });
-                    if bytes >= 64 << 20 {
-                        let part =
-                            std::mem::replace(&mut cs, Changeset::new().at(header.barrier_ns));
-                        j.append(&part)
-                            .map_err(|e| changeset::ChangesetError::Invalid(e.to_string()))?;
-                        bytes = 0;
-                    }
-                    Ok(())
-                })
-                .map_err(|e| anyhow!("{e}"))?;
-                let done = j.append(&cs.point(kind))?;
-                Ok(done.point)
-            })?;
+            let same = header.agent == meta.agent;
+            let stale = header.barrier_ns <= meta.base_after_ns
+                || (same && seq <= meta.applied_seq)
+                || (meta.agent.is_empty() && !header.restart);
+            if stale {
+                // Already applied, older than the replica's base, or from
+                // before the replica's stream started.
+                crashsafe::remove_file_durable(path)?;
+                continue;
+            }
+            if !(header.restart || (same && seq == meta.applied_seq + 1)) {
+                gap = Some((
+                    seq,
+                    if same {
+                        format!("changeset {} is missing", meta.applied_seq + 1)
+                    } else {
+                        format!("changeset {seq} of another agent without a restart")
+                    },
+                ));
+                warn!(
+                    item = item_id,
+                    seq,
+                    applied = meta.applied_seq,
+                    "gap in the stream: the apply stops here"
+                );
+                break;
+            }
+            self.apply_file(&meta, item_id, path, &header)?;
+            meta.agent = header.agent.clone();
             meta.applied_seq = seq;
             self.save_replica(&meta)?;
-            crashsafe::remove_file_durable(&path)?;
-            if let Some(p) = point {
-                let r = self.api.report_point(
-                    item_id,
-                    &NewRecoveryPoint {
-                        id: format!("{}.{p}", meta.tag),
-                        time: Some(rfc3339(header.barrier_ns)),
-                        kind: match kind {
-                            rebound_journal::PointKind::AppConsistent => PointKind::AppConsistent,
-                            _ => PointKind::CrashConsistent,
-                        },
-                        group_marker: None,
-                        barrier_ns: Some(header.barrier_ns),
-                    },
-                );
-                if let Err(e) = r {
-                    warn!(error = %e, "reporting the recovery point failed");
-                }
-                info!(item = item_id, seq, point = p, "recovery point");
+            crashsafe::remove_file_durable(path)?;
+        }
+        if gap.is_some() || (meta.agent.clone(), meta.applied_seq) != before {
+            let progress = rebound_api::ReplicaProgress {
+                agent_id: meta.agent.clone(),
+                applied_seq: meta.applied_seq,
+                gap: gap.map(|(found, reason)| rebound_api::StreamGap {
+                    expected_seq: meta.applied_seq + 1,
+                    found_seq: Some(found),
+                    reason,
+                }),
+                updated_at: None,
+            };
+            if let Err(e) = self.api.report_progress(item_id, &progress) {
+                warn!(error = %e, "reporting the stream's progress failed");
             }
+        }
+        Ok(())
+    }
+
+    /// Append one verified changeset to the journal (in bounded parts; only
+    /// the last closes its point) and report the point.
+    fn apply_file(
+        &self,
+        meta: &ReplicaMeta,
+        item_id: &str,
+        path: &Path,
+        header: &changeset::Header,
+    ) -> anyhow::Result<()> {
+        const PART: usize = 64 << 20;
+        let kind = match header.closes {
+            Closes::Nothing => None,
+            Closes::CrashConsistent => Some(rebound_journal::PointKind::CrashConsistent),
+            Closes::AppConsistent => Some(rebound_journal::PointKind::AppConsistent),
+        };
+        let at = header.barrier_ns;
+        let point = self.with_journal(meta, |j| {
+            let mut cs = Changeset::new().at(at);
+            let mut bytes = 0usize;
+            let mut flush =
+                |cs: &mut Changeset, bytes: &mut usize| -> Result<(), changeset::ChangesetError> {
+                    if *bytes >= PART {
+                        let part = std::mem::replace(cs, Changeset::new().at(at));
+                        j.append(&part)
+                            .map_err(|e| changeset::ChangesetError::Invalid(e.to_string()))?;
+                        *bytes = 0;
+                    }
+                    Ok(())
+                };
+            changeset::read_records(path, |r| {
+                match r {
+                    changeset::Record::Data { disk, offset, data } => {
+                        bytes += data.len();
+                        cs.writes
+                            .push(rebound_journal::Write { disk, offset, data });
+                        flush(&mut cs, &mut bytes)?;
+                    }
+                    changeset::Record::Zero { disk, offset, len } => {
+                        // The journal keeps data: zeros are written out, in
+                        // bounded pieces.
+                        let mut off = offset;
+                        while off < offset + len {
+                            let n = (offset + len - off).min(8 << 20);
+                            bytes += n as usize;
+                            cs.writes.push(rebound_journal::Write {
+                                disk,
+                                offset: off,
+                                data: vec![0u8; n as usize],
+                            });
+                            flush(&mut cs, &mut bytes)?;
+                            off += n;
+                        }
+                    }
+                }
+                Ok(())
+            })
+            .map_err(|e| anyhow!("{e}"))?;
+            let cs = match kind {
+                Some(k) => cs.point(k),
+                None => cs,
+            };
+            Ok(j.append(&cs)?.point)
+        })?;
+        if let (Some(p), Some(kind)) = (point, kind) {
+            let r = self.api.report_point(
+                item_id,
+                &NewRecoveryPoint {
+                    id: format!("{}.{p}", meta.tag),
+                    time: Some(rfc3339(at)),
+                    kind: match kind {
+                        rebound_journal::PointKind::AppConsistent => PointKind::AppConsistent,
+                        _ => PointKind::CrashConsistent,
+                    },
+                    group_marker: None,
+                    barrier_ns: Some(at),
+                },
+            );
+            if let Err(e) = r {
+                warn!(error = %e, "reporting the recovery point failed");
+            }
+            info!(
+                item = item_id,
+                seq = header.seq,
+                point = p,
+                "recovery point"
+            );
         }
         Ok(())
     }
@@ -950,6 +1069,7 @@ impl TargetRole {
             tag: format!("{:x}", after / 1_000_000),
             base_after_ns: after,
             applied_seq: 0,
+            agent: String::new(),
             manifest,
         };
         self.save_replica(&meta)?;

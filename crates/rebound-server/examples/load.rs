@@ -102,6 +102,7 @@ async fn main() -> anyhow::Result<()> {
                         suspended: false,
                         sync_barrier: None,
                         sync_barrier_ns: None,
+                        replication: None,
                     }),
                     ..Default::default()
                 };

@@ -14,7 +14,7 @@ use rebound_store::{JobFilter, new_id};
 use rebound_types::ErrorCode;
 use serde::Deserialize;
 use std::time::SystemTime;
-use tracing::info;
+use tracing::{info, warn};
 use utoipa::IntoParams;
 
 type Created<T> = (StatusCode, Json<T>);
@@ -282,7 +282,13 @@ pub async fn heartbeat(
     }
     comp.version = hb.version;
     comp.last_heartbeat = Some(time::now());
+    let mut rung_change = None;
     if hb.agent.is_some() {
+        let before = replication_state(comp.agent.as_ref());
+        let after = replication_state(hb.agent.as_ref());
+        if before != after {
+            rung_change = Some((before, after));
+        }
         comp.agent = hb.agent;
     }
     if hb.process_server.is_some() {
@@ -295,7 +301,50 @@ pub async fn heartbeat(
         comp.data_addr = hb.data_addr;
     }
     state.store.put_component(&comp).await?;
+    if let Some((from, to)) = rung_change {
+        log_replication_change(&state, &comp.id, from, to).await;
+    }
     Ok(Json(with_health(comp, &state)))
+}
+
+fn replication_state(facts: Option<&AgentFacts>) -> Option<ReplicationState> {
+    facts.and_then(|a| a.replication.as_ref()).map(|r| r.state)
+}
+
+fn state_name(s: Option<ReplicationState>) -> &'static str {
+    match s {
+        None => "none",
+        Some(ReplicationState::Streaming) => "streaming",
+        Some(ReplicationState::Backlogged) => "backlogged",
+        Some(ReplicationState::Resyncing) => "resyncing",
+    }
+}
+
+/// A change of rung (streaming, backlogged, resyncing) is what an operator
+/// looks for in the log when an RPO is missed: name the items it affects.
+/// Rare, so scanning the items here costs nothing on ordinary heartbeats; a
+/// failed lookup only costs the item ids in the line, never the heartbeat.
+async fn log_replication_change(
+    state: &AppState,
+    agent_id: &str,
+    from: Option<ReplicationState>,
+    to: Option<ReplicationState>,
+) {
+    let items = state.store.items().await.unwrap_or_else(|e| {
+        warn!(agent = %agent_id, error = %e, "cannot list the items of an agent");
+        Vec::new()
+    });
+    let mut named = false;
+    for item in items
+        .iter()
+        .filter(|i| i.agent_id.as_deref() == Some(agent_id))
+    {
+        named = true;
+        info!(item = %item.id, agent = %agent_id, from = state_name(from), to = state_name(to), "replication state changed");
+    }
+    if !named {
+        info!(agent = %agent_id, from = state_name(from), to = state_name(to), "replication state changed (agent of no item)");
+    }
 }
 
 // ------------------------------------------------------------------ policies
@@ -328,6 +377,10 @@ pub async fn get_policy(
     ))
 }
 
+/// Crash-consistent points are barriers in the change stream: more often than
+/// every second floods the journal, rarer than hourly is no longer continuous.
+const CRASH_CONSISTENT_SECS: std::ops::RangeInclusive<u64> = 1..=3600;
+
 fn check_policy(p: &NewPolicy) -> AppResult<()> {
     check_name(&p.name, "policy")?;
     const YEAR: u64 = 366 * 24 * 3600;
@@ -342,6 +395,20 @@ fn check_policy(p: &NewPolicy) -> AppResult<()> {
         if v == 0 || v > YEAR {
             return Err(bad(format!("{what} must be between 1 and {YEAR}")));
         }
+    }
+    let cc = p.crash_consistent_frequency_secs;
+    if !CRASH_CONSISTENT_SECS.contains(&cc) {
+        let mut e = bad(format!(
+            "crash_consistent_frequency_secs is {cc}; crash-consistent recovery points are taken every {} to {} seconds",
+            CRASH_CONSISTENT_SECS.start(),
+            CRASH_CONSISTENT_SECS.end()
+        ));
+        e.0.remedy = format!(
+            "Set crash_consistent_frequency_secs (`rebound policies add --crash-consistent-secs N`) between {} and {}, or leave it out for the default of {DEFAULT_CRASH_CONSISTENT_SECS} s.",
+            CRASH_CONSISTENT_SECS.start(),
+            CRASH_CONSISTENT_SECS.end()
+        );
+        return Err(e);
     }
     Ok(())
 }
@@ -366,6 +433,7 @@ pub async fn create_policy(
         rpo_threshold_secs: req.rpo_threshold_secs,
         retention_secs: req.retention_secs,
         app_consistent_frequency_secs: req.app_consistent_frequency_secs,
+        crash_consistent_frequency_secs: req.crash_consistent_frequency_secs,
         read_only: false,
         failback_policy_id: Some(fb_id.clone()),
         parent_policy_id: None,
@@ -377,6 +445,7 @@ pub async fn create_policy(
         rpo_threshold_secs: FAILBACK_RPO_SECS,
         retention_secs: FAILBACK_RETENTION_SECS,
         app_consistent_frequency_secs: FAILBACK_APP_CONSISTENT_SECS,
+        crash_consistent_frequency_secs: DEFAULT_CRASH_CONSISTENT_SECS,
         read_only: true,
         failback_policy_id: None,
         parent_policy_id: Some(id),
@@ -424,19 +493,37 @@ pub async fn update_policy(
     p.rpo_threshold_secs = req.rpo_threshold_secs;
     p.retention_secs = req.retention_secs;
     p.app_consistent_frequency_secs = req.app_consistent_frequency_secs;
+    p.crash_consistent_frequency_secs = req.crash_consistent_frequency_secs;
     state.store.put_policy(&p).await?;
     Ok(Json(p))
 }
 
 // ------------------------------------------------------------------ items
 
-fn rpo(item: &mut Item) {
+/// What an answer adds to a stored item: the RPO now, and the capture path
+/// of its agent from the agent's latest heartbeat (`agent` is the component
+/// named by `item.agent_id`, if it exists).
+fn decorate(item: &mut Item, agent: Option<&Component>) {
     item.rpo_seconds = item
         .last_point
         .as_ref()
         .and_then(|p| time::parse(&p.time))
         .and_then(|t| SystemTime::now().duration_since(t).ok())
         .map(|d| d.as_secs());
+    item.replication = agent
+        .filter(|a| item.agent_id.as_deref() == Some(a.id.as_str()))
+        .and_then(|a| a.agent.as_ref())
+        .and_then(|f| f.replication.clone());
+}
+
+/// [`decorate`] for one item, looking its agent up.
+async fn answer_item(state: &AppState, mut item: Item) -> AppResult<Item> {
+    let agent = match &item.agent_id {
+        Some(a) => state.store.component(a).await?,
+        None => None,
+    };
+    decorate(&mut item, agent.as_ref());
+    Ok(item)
 }
 
 #[utoipa::path(get, path = "/api/v1/items", tag = "items", security(("bearer" = [])),
@@ -447,7 +534,19 @@ pub async fn list_items(
 ) -> AppResult<Json<Vec<Item>>> {
     c.require_reader()?;
     let mut items = state.store.items().await?;
-    items.iter_mut().for_each(rpo);
+    // One read of the components for all items, not one per item.
+    let agents: std::collections::HashMap<String, Component> = state
+        .store
+        .components()
+        .await?
+        .into_iter()
+        .filter(|x| x.role == ComponentRole::Agent)
+        .map(|x| (x.id.clone(), x))
+        .collect();
+    for item in &mut items {
+        let agent = item.agent_id.as_ref().and_then(|a| agents.get(a));
+        decorate(item, agent);
+    }
     Ok(Json(items))
 }
 
@@ -469,9 +568,8 @@ pub async fn get_item(
     Path(id): Path<String>,
 ) -> AppResult<Json<Item>> {
     c.require_reader_or_component()?;
-    let mut item = load_item(&state, &id).await?;
-    rpo(&mut item);
-    Ok(Json(item))
+    let item = load_item(&state, &id).await?;
+    Ok(Json(answer_item(&state, item).await?))
 }
 
 /// Register a machine as a replicated item (unprotected until `enable_protection`).
@@ -553,11 +651,13 @@ pub async fn create_item(
         rpo_seconds: None,
         detached: None,
         job_id: None,
+        replication: None,
+        replica_progress: None,
         created_at: now.clone(),
         updated_at: now,
     };
     state.store.insert_item(&item).await?;
-    Ok((StatusCode::CREATED, Json(item)))
+    Ok((StatusCode::CREATED, Json(answer_item(&state, item).await?)))
 }
 
 /// Start an action on an item (a job), or cancel/complete its running job.
@@ -619,7 +719,7 @@ pub async fn detach_item(
     });
     item.updated_at = time::now();
     state.store.put_item(&item).await?;
-    Ok(Json(item))
+    Ok(Json(answer_item(&state, item).await?))
 }
 
 /// An agent that starts with a machine (after a failover or failback too)
@@ -671,7 +771,89 @@ pub async fn attach_agent(
         state.store.put_item(&item).await?;
         info!(item = %item.id, agent = ?item.agent_id, "agent attached");
     }
-    Ok(Json(item))
+    Ok(Json(answer_item(&state, item).await?))
+}
+
+/// Whether `mt` may report on the item's replica: its assigned master target,
+/// or the master target of a step of the item's running job (initial sync and
+/// reprotect build the replica before the item records the new master target).
+async fn replicates_to(state: &AppState, item: &Item, mt: Option<&str>) -> AppResult<bool> {
+    let Some(mt) = mt else { return Ok(false) };
+    if item.master_target_id.as_deref() == Some(mt) {
+        return Ok(true);
+    }
+    let Some(job_id) = &item.job_id else {
+        return Ok(false);
+    };
+    Ok(state.store.job(job_id).await?.is_some_and(|j| {
+        !j.state.is_finished()
+            && j.steps.iter().any(|s| {
+                s.executor == Executor::MasterTarget && s.component_id.as_deref() == Some(mt)
+            })
+    }))
+}
+
+/// The longest gap reason kept (a master target's error text).
+const GAP_REASON_MAX: usize = 1024;
+
+/// A master target reports how far it has applied the item's change stream.
+///
+/// With a gap when the apply stopped at a missing, corrupt or out-of-order
+/// changeset. The server stamps `updated_at`; for the same agent the applied
+/// sequence never goes back (a late, older report only updates the gap); a
+/// report for another agent (the machine started elsewhere) replaces it. Only
+/// the item's master target (or the one of its running job) may report.
+#[utoipa::path(put, path = "/api/v1/items/{id}/replica-progress", tag = "items", security(("bearer" = [])),
+    params(("id" = String, Path, description = "item id or name")), request_body = ReplicaProgress,
+    responses((status = 200, body = Item), (status = 400, body = ApiError), (status = 401, body = ApiError), (status = 403, body = ApiError), (status = 404, body = ApiError)))]
+pub async fn put_replica_progress(
+    State(state): State<AppState>,
+    Extension(c): Extension<Caller>,
+    Path(id): Path<String>,
+    Json(req): Json<ReplicaProgress>,
+) -> AppResult<Json<Item>> {
+    c.require(&[Scope::MasterTarget])?;
+    if req.agent_id.is_empty() || req.agent_id.len() > 128 {
+        return Err(bad(
+            "agent_id is the agent's component id (1 to 128 characters)",
+        ));
+    }
+    if let Some(g) = &req.gap
+        && g.reason.len() > GAP_REASON_MAX
+    {
+        return Err(bad(format!(
+            "a gap's reason has at most {GAP_REASON_MAX} bytes"
+        )));
+    }
+    let _w = state.store.lock().await;
+    let mut item = load_item(&state, &id).await?;
+    if c.scope != Scope::Admin && !replicates_to(&state, &item, c.component_id.as_deref()).await? {
+        return Err(AppError::new(
+            ErrorCode::Forbidden,
+            format!(
+                "item {} does not replicate to this master target",
+                item.name
+            ),
+        ));
+    }
+    let report = ReplicaProgress {
+        updated_at: Some(time::now()),
+        ..req
+    };
+    item.replica_progress = Some(match item.replica_progress.take() {
+        // Reports may arrive out of order: keep the furthest apply, but a
+        // gap (or its clearing) is always the latest word.
+        Some(old) if old.agent_id == report.agent_id && report.applied_seq < old.applied_seq => {
+            ReplicaProgress {
+                gap: report.gap,
+                updated_at: report.updated_at,
+                ..old
+            }
+        }
+        _ => report,
+    });
+    state.store.put_item(&item).await?;
+    Ok(Json(answer_item(&state, item).await?))
 }
 
 #[utoipa::path(get, path = "/api/v1/items/{id}/points", tag = "items", security(("bearer" = [])),

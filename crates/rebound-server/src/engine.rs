@@ -196,6 +196,11 @@ pub async fn submit(state: &AppState, item_key: &str, req: ActionRequest) -> App
                 step.percent = 100.0;
             }
             store.insert_job(&job).await?;
+            if t.effect == Effect::StartReplication {
+                // A new replica is built: the old one's apply progress (of
+                // another stream, maybe another agent) no longer describes it.
+                item.replica_progress = None;
+            }
             item.state = t.during();
             item.job_id = Some(job.id.clone());
             item.updated_at = time::now();

@@ -17,7 +17,7 @@ use axum::extract::Request;
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use error::AppError;
 use rebound_api::Scope;
 use rebound_store::{Store, StoreError};
@@ -68,7 +68,7 @@ pub struct AppState {
         api::list_sites, api::create_site,
         api::list_components, api::get_component, api::heartbeat,
         api::list_policies, api::get_policy, api::create_policy, api::update_policy,
-        api::list_items, api::get_item, api::create_item, api::item_action, api::detach_item, api::attach_agent,
+        api::list_items, api::get_item, api::create_item, api::item_action, api::detach_item, api::attach_agent, api::put_replica_progress,
         api::list_points, api::report_point,
         api::list_groups, api::create_group, api::list_plans, api::create_plan, api::plan_action,
         api::list_jobs, api::get_job, api::cancel_job, api::continue_job, api::report_step, api::work,
@@ -201,6 +201,10 @@ pub fn app(state: AppState) -> Router {
         .route("/items/{id}/actions", post(api::item_action))
         .route("/items/{id}/detach", post(api::detach_item))
         .route("/items/{id}/agent", post(api::attach_agent))
+        .route(
+            "/items/{id}/replica-progress",
+            put(api::put_replica_progress),
+        )
         .route(
             "/items/{id}/points",
             get(api::list_points).post(api::report_point),

@@ -120,6 +120,7 @@ async fn creating_a_policy_creates_its_read_only_failback_policy() {
         rpo_threshold_secs: 60,
         retention_secs: 60,
         app_consistent_frequency_secs: 60,
+        crash_consistent_frequency_secs: DEFAULT_CRASH_CONSISTENT_SECS,
     };
     w.admin
         .put(&format!("/policies/{}", fb.id), &edit)
@@ -352,6 +353,7 @@ async fn prechecks_report_every_failure_at_once() {
                     suspended: true,
                     sync_barrier: None,
                     sync_barrier_ns: None,
+                    replication: None,
                 }),
                 ..Default::default()
             },
@@ -1013,6 +1015,7 @@ async fn second_item(w: &World, name: &str) -> World {
                     suspended: false,
                     sync_barrier: None,
                     sync_barrier_ns: None,
+                    replication: None,
                 }),
                 ..Default::default()
             },

@@ -121,10 +121,13 @@ fn unique(what: impl Into<String>) -> impl FnOnce(sqlx::Error) -> StoreError {
     }
 }
 
-/// The active site always follows from the state.
-fn with_active_site(item: &Item) -> Item {
+/// What is written for an item: the active site always follows from the
+/// state, and `replication` comes from the agent's latest heartbeat when the
+/// item is read, so a copy of it is never kept (it would go stale).
+fn stored_item(item: &Item) -> Item {
     let mut item = item.clone();
     item.active_site = rebound_control::machine::active_site(item.state);
+    item.replication = None;
     item
 }
 
@@ -409,7 +412,7 @@ impl Store {
     // ------------------------------------------------------------ items
 
     pub async fn insert_item(&self, item: &Item) -> Result<()> {
-        let item = &with_active_site(item);
+        let item = &stored_item(item);
         sqlx::query(
             "INSERT INTO items (id, name, phase, direction, group_id, job_id, doc) VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
@@ -444,7 +447,7 @@ impl Store {
 
     /// Write an item back (caller holds the writer lock).
     pub async fn put_item(&self, item: &Item) -> Result<()> {
-        let item = &with_active_site(item);
+        let item = &stored_item(item);
         let done = sqlx::query(
             "UPDATE items SET phase = $1, direction = $2, group_id = $3, job_id = $4, doc = $5 WHERE id = $6",
         )

@@ -99,6 +99,8 @@ fn item(name: &str, primary: &Site, recovery: &Site) -> Item {
         rpo_seconds: None,
         detached: None,
         job_id: None,
+        replication: None,
+        replica_progress: None,
         created_at: now.clone(),
         updated_at: now,
     }
@@ -331,6 +333,7 @@ async fn components_and_policies_round_trip() {
             rpo_threshold_secs: 300,
             retention_secs: 86400,
             app_consistent_frequency_secs: 3600,
+            crash_consistent_frequency_secs: DEFAULT_CRASH_CONSISTENT_SECS,
             read_only: false,
             failback_policy_id: None,
             parent_policy_id: None,
@@ -445,6 +448,7 @@ async fn fill(s: &Store) -> Filled {
         rpo_threshold_secs: 300,
         retention_secs: 86400,
         app_consistent_frequency_secs: 3600,
+        crash_consistent_frequency_secs: DEFAULT_CRASH_CONSISTENT_SECS,
         read_only: false,
         failback_policy_id: None,
         parent_policy_id: None,
@@ -740,4 +744,105 @@ async fn postgres_backup_is_one_snapshot_under_concurrent_writes() {
     );
     s.close().await;
     drop_postgres_db(&url, &name).await;
+}
+
+#[tokio::test]
+async fn replication_facts_are_not_stored_but_replica_progress_is() {
+    on_each_backend(|s| async move {
+        let a = site("onprem", SiteRole::Primary);
+        let b = site("cloud", SiteRole::Recovery);
+        s.insert_site(&a).await.unwrap();
+        s.insert_site(&b).await.unwrap();
+        let mut it = item("vm1", &a, &b);
+        let facts = ReplicationFacts {
+            state: ReplicationState::Streaming,
+            backlog_bytes: 0,
+            resync_bytes: 0,
+            eta_secs: None,
+            captured_seq: 3,
+            shipped_seq: 3,
+            applied_seq: 2,
+        };
+        let progress = ReplicaProgress {
+            agent_id: "agent-1".into(),
+            applied_seq: 2,
+            gap: Some(StreamGap {
+                expected_seq: 3,
+                found_seq: None,
+                reason: "nothing complete arrived".into(),
+            }),
+            updated_at: Some(rebound_control::time::now()),
+        };
+        it.replication = Some(facts.clone());
+        it.replica_progress = Some(progress.clone());
+        s.insert_item(&it).await.unwrap();
+        let back = s.item("vm1").await.unwrap().unwrap();
+        assert_eq!(back.replication, None, "derived from the agent, not kept");
+        assert_eq!(back.replica_progress.as_ref(), Some(&progress));
+        s.put_item(&it).await.unwrap();
+        let back = s.item("vm1").await.unwrap().unwrap();
+        assert_eq!(back.replication, None);
+        assert_eq!(back.replica_progress, Some(progress));
+    })
+    .await;
+}
+
+/// Documents written before a field existed read with its default.
+#[tokio::test]
+async fn documents_without_the_new_fields_read_with_defaults() {
+    use sqlx::Connection;
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(&Store::sqlite_url(dir.path())).await.unwrap();
+    let a = site("onprem", SiteRole::Primary);
+    let b = site("cloud", SiteRole::Recovery);
+    s.insert_site(&a).await.unwrap();
+    s.insert_site(&b).await.unwrap();
+    let p = Policy {
+        id: new_id("pol"),
+        name: "gold".into(),
+        rpo_threshold_secs: 300,
+        retention_secs: 86400,
+        app_consistent_frequency_secs: 3600,
+        crash_consistent_frequency_secs: 30,
+        read_only: false,
+        failback_policy_id: None,
+        parent_policy_id: None,
+        created_at: rebound_control::time::now(),
+    };
+    s.insert_policy(&p).await.unwrap();
+    let it = item("vm1", &a, &b);
+    s.insert_item(&it).await.unwrap();
+
+    // Rewrite both documents as an older release wrote them.
+    let strip = |v: &mut serde_json::Value, fields: &[&str]| {
+        let o = v.as_object_mut().unwrap();
+        for f in fields {
+            assert!(o.remove(*f).is_some(), "{f} was stored");
+        }
+    };
+    let mut old_policy = serde_json::to_value(&p).unwrap();
+    strip(&mut old_policy, &["crash_consistent_frequency_secs"]);
+    let mut old_item = serde_json::to_value(s.item("vm1").await.unwrap().unwrap()).unwrap();
+    strip(&mut old_item, &["replication", "replica_progress"]);
+    let mut conn = sqlx::SqliteConnection::connect(&Store::sqlite_url(dir.path()))
+        .await
+        .unwrap();
+    for (table, id, doc) in [("policies", &p.id, old_policy), ("items", &it.id, old_item)] {
+        sqlx::query(&format!("UPDATE {table} SET doc = $1 WHERE id = $2"))
+            .bind(doc.to_string())
+            .bind(id)
+            .execute(&mut conn)
+            .await
+            .unwrap();
+    }
+    conn.close().await.unwrap();
+
+    let back = s.policy("gold").await.unwrap().unwrap();
+    assert_eq!(
+        back.crash_consistent_frequency_secs,
+        DEFAULT_CRASH_CONSISTENT_SECS
+    );
+    let back = s.item("vm1").await.unwrap().unwrap();
+    assert_eq!((back.replication, back.replica_progress), (None, None));
+    s.close().await;
 }

@@ -159,6 +159,7 @@ impl Lab {
                 rpo_threshold_secs: 60,
                 retention_secs: 3600,
                 app_consistent_frequency_secs: 3600,
+                crash_consistent_frequency_secs: lab.rpo_secs,
             },
         )?;
         lab.policy = policies
@@ -572,6 +573,7 @@ fn placeholder_policy() -> Policy {
         rpo_threshold_secs: 0,
         retention_secs: 0,
         app_consistent_frequency_secs: 0,
+        crash_consistent_frequency_secs: 0,
         read_only: false,
         failback_policy_id: None,
         parent_policy_id: None,

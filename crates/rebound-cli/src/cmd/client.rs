@@ -167,6 +167,7 @@ pub struct Policies {
 #[derive(clap::Subcommand)]
 enum PoliciesCmd {
     /// Add a replication policy (its failback policy is created with it).
+    #[command(alias = "create")]
     Add {
         name: String,
         /// RPO threshold, seconds.
@@ -178,6 +179,9 @@ enum PoliciesCmd {
         /// App-consistent snapshot frequency, seconds.
         #[arg(long)]
         app_consistent: u64,
+        /// Crash-consistent recovery point frequency, seconds (1 to 3600).
+        #[arg(long = "crash-consistent-secs", default_value_t = DEFAULT_CRASH_CONSISTENT_SECS)]
+        crash_consistent: u64,
     },
 }
 
@@ -479,6 +483,78 @@ fn table(headers: &[&str], rows: Vec<Vec<String>>) {
 
 fn opt(s: &Option<String>) -> String {
     s.clone().unwrap_or_else(|| "-".into())
+}
+
+fn human_bytes(b: u64) -> String {
+    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < U.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", U[i])
+    }
+}
+
+fn human_secs(s: u64) -> String {
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+    }
+}
+
+fn replication_state(s: ReplicationState) -> &'static str {
+    match s {
+        ReplicationState::Streaming => "streaming",
+        ReplicationState::Backlogged => "backlogged",
+        ReplicationState::Resyncing => "resyncing",
+    }
+}
+
+/// `items show`: the rung of the replication ladder the item's agent is on,
+/// and how far the master target has applied its stream.
+fn replication_lines(i: &Item) -> Vec<String> {
+    let mut out = Vec::new();
+    match &i.replication {
+        Some(r) => {
+            out.push(format!(
+                "replication: {}  backlog {}  resync {}  eta {}",
+                replication_state(r.state),
+                human_bytes(r.backlog_bytes),
+                human_bytes(r.resync_bytes),
+                r.eta_secs.map(human_secs).unwrap_or_else(|| "-".into())
+            ));
+            out.push(format!(
+                "  seq: captured {}  shipped {}  applied {}",
+                r.captured_seq, r.shipped_seq, r.applied_seq
+            ));
+        }
+        None => out.push("replication: -".into()),
+    }
+    if let Some(p) = &i.replica_progress {
+        out.push(format!(
+            "replica: applied {} of agent {} (reported {})",
+            p.applied_seq,
+            p.agent_id,
+            p.updated_at.as_deref().unwrap_or("-")
+        ));
+        if let Some(g) = &p.gap {
+            out.push(format!(
+                "gap: expected seq {}, found {}: {}",
+                g.expected_seq,
+                g.found_seq
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|| "nothing".into()),
+                g.reason
+            ));
+        }
+    }
+    out
 }
 
 fn print_json<T: Serialize>(v: &T) -> anyhow::Result<()> {
@@ -831,7 +907,16 @@ async fn run_async(cmd: Command) -> anyhow::Result<ExitCode> {
                         print_json(&items)?;
                     } else {
                         table(
-                            &["id", "name", "state", "direction", "active", "rpo", "job"],
+                            &[
+                                "id",
+                                "name",
+                                "state",
+                                "direction",
+                                "active",
+                                "rpo",
+                                "replication",
+                                "job",
+                            ],
                             items
                                 .iter()
                                 .map(|i| {
@@ -843,6 +928,10 @@ async fn run_async(cmd: Command) -> anyhow::Result<ExitCode> {
                                         i.active_site.to_string(),
                                         i.rpo_seconds
                                             .map(|s| format!("{s}s"))
+                                            .unwrap_or_else(|| "-".into()),
+                                        i.replication
+                                            .as_ref()
+                                            .map(|r| replication_state(r.state).to_string())
                                             .unwrap_or_else(|| "-".into()),
                                         opt(&i.job_id),
                                     ]
@@ -882,6 +971,9 @@ async fn run_async(cmd: Command) -> anyhow::Result<ExitCode> {
                         );
                         if let Some(d) = &i.detached {
                             println!("detached: {} at {}", d.reason, d.at);
+                        }
+                        for line in replication_lines(&i) {
+                            println!("{line}");
                         }
                         table(
                             &["disk", "size", "uuid"],
@@ -972,6 +1064,7 @@ async fn run_async(cmd: Command) -> anyhow::Result<ExitCode> {
                     rpo,
                     retention,
                     app_consistent,
+                    crash_consistent,
                 }) => {
                     api.post(
                         "/policies",
@@ -980,6 +1073,7 @@ async fn run_async(cmd: Command) -> anyhow::Result<ExitCode> {
                             rpo_threshold_secs: rpo,
                             retention_secs: retention,
                             app_consistent_frequency_secs: app_consistent,
+                            crash_consistent_frequency_secs: crash_consistent,
                         },
                     )
                     .await?
@@ -996,6 +1090,7 @@ async fn run_async(cmd: Command) -> anyhow::Result<ExitCode> {
                         "rpo",
                         "retention",
                         "app-consistent",
+                        "crash-consistent",
                         "read-only",
                         "failback policy",
                     ],
@@ -1007,6 +1102,7 @@ async fn run_async(cmd: Command) -> anyhow::Result<ExitCode> {
                                 format!("{}s", p.rpo_threshold_secs),
                                 format!("{}s", p.retention_secs),
                                 format!("{}s", p.app_consistent_frequency_secs),
+                                format!("{}s", p.crash_consistent_frequency_secs),
                                 if p.read_only { "yes" } else { "no" }.into(),
                                 opt(&p.failback_policy_id),
                             ]
@@ -1236,5 +1332,54 @@ mod tests {
             parse_step("group:vm1,vm2").expect("a group").items,
             vec!["vm1", "vm2"]
         );
+    }
+
+    #[test]
+    fn item_replication_lines_name_the_rung_the_backlog_and_a_gap() {
+        let mut i: Item = serde_json::from_value(serde_json::json!({
+            "id": "item-1", "name": "vm1", "os": "linux", "disks": [],
+            "primary_site_id": "site-a", "recovery_site_id": "site-b",
+            "born_at": "primary",
+            "state": {"phase": "protected", "direction": "forward"},
+            "active_site": "primary", "agent_id": "agent-1", "policy_id": null,
+            "group_id": null, "process_server_id": null, "master_target_id": null,
+            "datastore": null, "retention_volume": null, "last_point": null,
+            "rpo_seconds": null, "detached": null, "job_id": null,
+            "created_at": "2024-01-01T00:00:00Z", "updated_at": "2024-01-01T00:00:00Z"
+        }))
+        .expect("an item without the replication fields");
+        assert_eq!(replication_lines(&i), vec!["replication: -"]);
+        i.replication = Some(ReplicationFacts {
+            state: ReplicationState::Backlogged,
+            backlog_bytes: 3 << 20,
+            resync_bytes: 0,
+            eta_secs: Some(125),
+            captured_seq: 90,
+            shipped_seq: 80,
+            applied_seq: 70,
+        });
+        i.replica_progress = Some(ReplicaProgress {
+            agent_id: "agent-1".into(),
+            applied_seq: 70,
+            gap: Some(StreamGap {
+                expected_seq: 71,
+                found_seq: Some(73),
+                reason: "out of order".into(),
+            }),
+            updated_at: Some("2024-01-01T00:00:01Z".into()),
+        });
+        let text = replication_lines(&i).join("\n");
+        for want in [
+            "replication: backlogged",
+            "backlog 3.0 MiB",
+            "resync 0 B",
+            "eta 2m05s",
+            "captured 90  shipped 80  applied 70",
+            "gap: expected seq 71, found 73: out of order",
+        ] {
+            assert!(text.contains(want), "{want:?} in\n{text}");
+        }
+        assert_eq!(human_secs(42), "42s");
+        assert_eq!(human_secs(7300), "2h01m");
     }
 }

@@ -270,6 +270,7 @@ pub async fn heartbeat_all(w: &World) {
                 suspended: false,
                 sync_barrier: None,
                 sync_barrier_ns: None,
+                replication: None,
             }),
             ..Default::default()
         },
@@ -311,6 +312,7 @@ pub async fn world(base: &str, admin_token: &str, key: &str) -> World {
                 rpo_threshold_secs: 300,
                 retention_secs: 72 * 3600,
                 app_consistent_frequency_secs: 4 * 3600,
+                crash_consistent_frequency_secs: DEFAULT_CRASH_CONSISTENT_SECS,
             },
         )
         .await
