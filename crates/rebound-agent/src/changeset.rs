@@ -310,6 +310,45 @@ fn read_header(r: &mut impl Read) -> Result<Header, ChangesetError> {
     })
 }
 
+/// Remembers what [`verify`] said of each file while its length and mtime
+/// stay the same, so a queue scanned every few milliseconds hashes each
+/// file once, not on every scan.
+#[derive(Default)]
+pub struct VerifyCache {
+    seen: std::collections::HashMap<PathBuf, (u64, std::time::SystemTime, Option<Header>)>,
+}
+
+impl VerifyCache {
+    pub fn verify(&mut self, path: &Path) -> Result<Header, ChangesetError> {
+        let m = std::fs::metadata(path)?;
+        let key = (m.len(), m.modified()?);
+        if let Some((len, t, h)) = self.seen.get(path)
+            && (*len, *t) == key
+        {
+            return h.clone().ok_or_else(|| {
+                ChangesetError::Invalid("checksum mismatch (incomplete or corrupt)".into())
+            });
+        }
+        let r = verify(path);
+        match &r {
+            Ok(h) => {
+                self.seen
+                    .insert(path.to_path_buf(), (key.0, key.1, Some(h.clone())));
+            }
+            Err(ChangesetError::Invalid(_)) => {
+                self.seen.insert(path.to_path_buf(), (key.0, key.1, None));
+            }
+            Err(_) => {}
+        }
+        r
+    }
+
+    /// Forget files that are gone.
+    pub fn retain_existing(&mut self) {
+        self.seen.retain(|p, _| p.exists());
+    }
+}
+
 /// The opening header of a file, unverified (what a sender needs to name
 /// it; receivers [`verify`]).
 pub fn header_of(path: &Path) -> Result<Header, ChangesetError> {

@@ -21,3 +21,18 @@ pub mod node;
 pub mod process;
 pub mod ship;
 pub mod target;
+
+/// How changesets are pushed between components: whole files (no
+/// comparison), with a small buffer pool — a changeset is at most 64 MiB,
+/// and a node pushes for many items.
+pub fn changeset_push_options() -> rebound_delta::Options {
+    rebound_delta::Options {
+        full: true,
+        tuning: rebound_delta::Tuning {
+            buffers: 4,
+            hashers: 2,
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}

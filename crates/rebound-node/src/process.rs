@@ -71,7 +71,13 @@ pub fn forward_loop(
     stop: Arc<AtomicBool>,
 ) {
     let mut addrs: HashMap<String, (String, Instant)> = HashMap::new();
+    let mut verified = changeset::VerifyCache::default();
+    let mut last_prune = Instant::now();
     while !stop.load(SeqCst) {
+        if last_prune.elapsed() > Duration::from_secs(10) {
+            verified.retain_existing();
+            last_prune = Instant::now();
+        }
         let items: Vec<PathBuf> = std::fs::read_dir(cache_dir(&data_root))
             .map(|rd| rd.flatten().map(|e| e.path()).collect())
             .unwrap_or_default();
@@ -79,7 +85,9 @@ pub fn forward_loop(
             let Some(item) = dir.file_name().and_then(|n| n.to_str()).map(String::from) else {
                 continue;
             };
-            if let Err(e) = forward_item(&api, &dir, &item, &token, &stats, &mut addrs) {
+            if let Err(e) =
+                forward_item(&api, &dir, &item, &token, &stats, &mut addrs, &mut verified)
+            {
                 warn!(item = %item, error = %e, "forwarding failed; the changesets stay cached");
                 addrs.remove(&item);
             }
@@ -95,6 +103,7 @@ fn forward_item(
     token: &rebound_wire::Token,
     stats: &Stats,
     addrs: &mut HashMap<String, (String, Instant)>,
+    verified: &mut changeset::VerifyCache,
 ) -> anyhow::Result<()> {
     let queued = changeset::queued(dir)?;
     if queued.is_empty() {
@@ -116,7 +125,7 @@ fn forward_item(
     };
     let complete: Vec<bool> = queued
         .iter()
-        .map(|(_, p)| changeset::verify(p).is_ok())
+        .map(|(_, p)| verified.verify(p).is_ok())
         .collect();
     for (i, (seq, path)) in queued.iter().enumerate() {
         let seq = *seq;
@@ -153,10 +162,7 @@ fn forward_item(
             &addr,
             &format!("incoming/{item}/{}", changeset::file_name(seq)),
         )?;
-        let opts = rebound_delta::Options {
-            full: true,
-            ..Default::default()
-        };
+        let opts = crate::changeset_push_options();
         rebound_delta::push(&path, &remote, token, &opts, None)?;
         rebound_disk::crashsafe::remove_file_durable(&path)?;
         stats.forwarded_bytes.fetch_add(size, SeqCst);

@@ -211,10 +211,7 @@ fn ship(
             changeset::file_name(*seq)
         );
         let remote = crate::agent::remote_addr(&data_addr, &name)?;
-        let opts = rebound_delta::Options {
-            full: true,
-            ..Default::default()
-        };
+        let opts = crate::changeset_push_options();
         let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
         match rebound_delta::push(path, &remote, token, &opts, None) {
             // The process server's own bound (its heartbeat may be older

@@ -245,10 +245,12 @@ impl TargetRole {
     /// left the retention window into the base now and then.
     pub fn apply_loop(self: &Arc<Self>, stop: Arc<AtomicBool>) {
         let mut last_fold = Instant::now();
+        let mut verified = changeset::VerifyCache::default();
         while !stop.load(SeqCst) {
             if last_fold.elapsed() >= FOLD_EVERY {
                 last_fold = Instant::now();
                 self.fold_all();
+                verified.retain_existing();
             }
             let items: Vec<String> = std::fs::read_dir(self.cfg.data_root.join("incoming"))
                 .map(|rd| {
@@ -258,7 +260,7 @@ impl TargetRole {
                 })
                 .unwrap_or_default();
             for item in items {
-                if let Err(e) = self.apply_item(&item) {
+                if let Err(e) = self.apply_item(&item, &mut verified) {
                     warn!(item = %item, error = %e, "applying changesets failed");
                 }
             }
@@ -334,7 +336,11 @@ impl TargetRole {
     /// `restart` (a resync covering everything not applied); anything else
     /// — a missing, corrupt or foreign file — stops the apply at the last
     /// good point and is reported as a gap, so the agent resynchronises.
-    fn apply_item(&self, item_id: &str) -> anyhow::Result<()> {
+    fn apply_item(
+        &self,
+        item_id: &str,
+        verified: &mut changeset::VerifyCache,
+    ) -> anyhow::Result<()> {
         let dir = self.incoming(item_id);
         let queued = changeset::queued(&dir)?;
         if queued.is_empty() {
@@ -346,7 +352,7 @@ impl TargetRole {
         };
         let headers: Vec<Option<changeset::Header>> = queued
             .iter()
-            .map(|(_, p)| changeset::verify(p).ok())
+            .map(|(_, p)| verified.verify(p).ok())
             .collect();
         // A restart supersedes everything queued before it.
         let start = headers
@@ -449,7 +455,8 @@ impl TargetRole {
         path: &Path,
         header: &changeset::Header,
     ) -> anyhow::Result<()> {
-        const PART: usize = 64 << 20;
+        // Bounds the master target's memory per changeset being applied.
+        const PART: usize = 16 << 20;
         let kind = match header.closes {
             Closes::Nothing => None,
             Closes::CrashConsistent => Some(rebound_journal::PointKind::CrashConsistent),
