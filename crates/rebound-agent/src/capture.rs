@@ -111,6 +111,9 @@ pub struct CaptureStats {
 
 pub struct Capture {
     q: Mutex<Queue>,
+    /// `q.mode == On`, readable without the lock: the write path skips the
+    /// copy of a write that would only be marked (checked again under it).
+    on: std::sync::atomic::AtomicBool,
     ready: Condvar,
     trackers: Vec<Arc<DirtyTracker>>,
     limit: u64,
@@ -142,6 +145,7 @@ impl Capture {
                 resync_pending: false,
                 resync_generation: 0,
             }),
+            on: std::sync::atomic::AtomicBool::new(false),
             ready: Condvar::new(),
             trackers,
             limit,
@@ -204,6 +208,7 @@ impl Capture {
             (mode, _) => {
                 if mode == Mode::On {
                     q.mode = Mode::Overflowed;
+                    self.on.store(false, SeqCst);
                     tracing::warn!(
                         queued = q.bytes,
                         limit = self.limit,
@@ -223,7 +228,7 @@ impl Capture {
     pub fn write(&self, disk: u16, offset: u64, data: &[u8]) {
         let range = offset..offset + data.len() as u64;
         // Copy outside the lock; skip the copy when it would be dropped.
-        let entry = (self.mode() == Mode::On).then(|| Entry::Write {
+        let entry = self.on.load(SeqCst).then(|| Entry::Write {
             disk,
             offset,
             data: data.to_vec(),
@@ -283,6 +288,7 @@ impl Capture {
         q.bytes += e.bytes();
         q.entries.push_back(e);
         q.mode = Mode::On;
+        self.on.store(true, SeqCst);
         q.resync_pending = true;
         drop(q);
         self.ready.notify_one();
@@ -292,6 +298,7 @@ impl Capture {
     pub fn stop(&self) {
         let mut q = self.lock();
         q.mode = Mode::Off;
+        self.on.store(false, SeqCst);
     }
 
     /// The spooler shipped the leaves of resync `generation`: points may

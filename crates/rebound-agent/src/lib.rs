@@ -9,12 +9,14 @@
 
 pub mod capture;
 pub mod changeset;
+pub mod control;
 mod dirty;
 mod error;
 mod export;
 pub mod spool;
 
 pub use capture::{Capture, Mode as CaptureMode};
+pub use control::{Inputs, Progress, Restart, Rung, StreamControl, Tick};
 pub use dirty::{DirtyTracker, Marker, OpenReport, REGION_SIZE, WriteGuard};
 pub use error::AgentError;
 pub use export::{DiskExport, ExportSpec, Persister, spawn_persister};

@@ -271,3 +271,62 @@ fn small_files_split_stretches_without_closing_points() -> R {
 fn overflows_fall_back_to_the_bitmap_and_resync_live() -> R {
     run(128 << 10, 256 << 10, 300)
 }
+
+/// Acknowledgement races: writers keep writing while a barrier is taken and
+/// acknowledged at once; every write the stream holds after the barrier
+/// must still be marked (its leaves are not yet on the target).
+#[test]
+fn acknowledging_a_point_never_clears_a_later_write() -> R {
+    use rebound_agent::capture::Entry;
+    let dir = tempfile::tempdir()?;
+    let e = export(dir.path(), "d0")?;
+    let t = e.tracker().cloned().ok_or("tracker")?;
+    let capture = Capture::new(vec![t.clone()], 1 << 30);
+    e.attach_capture(capture.clone(), 0);
+    capture.start();
+    capture.resync_done(1);
+    for round in 0..50u64 {
+        let all = 0..t.leaf_count();
+        t.acknowledge(rebound_agent::Marker(u64::MAX), std::slice::from_ref(&all));
+        while capture.next(Duration::ZERO).is_some() {}
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            for w in 0..3u64 {
+                let (e, stop) = (&e, &stop);
+                s.spawn(move || {
+                    let mut i = 0u64;
+                    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                        let leaf = (w * 7919 + i * 104729 + round) % (SIZE / 4096);
+                        let _ = e.write(leaf * 4096, &[w as u8 + 1; 4096], false);
+                        i += 1;
+                    }
+                });
+            }
+            std::thread::sleep(Duration::from_millis(2));
+            capture.barrier(Closes::CrashConsistent);
+            std::thread::sleep(Duration::from_millis(2));
+            stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        });
+        // Find the barrier's marker, acknowledge it, then check the writes
+        // after it in the stream.
+        let mut after = Vec::new();
+        let mut marker = None;
+        while let Some(x) = capture.next(Duration::ZERO) {
+            match x {
+                Entry::Barrier { markers, .. } => marker = markers.first().copied(),
+                Entry::Write { offset, .. } if marker.is_some() => after.push(offset / 4096),
+                _ => {}
+            }
+        }
+        let m = marker.ok_or("no barrier")?;
+        let all = 0..t.leaf_count();
+        t.acknowledge(m, std::slice::from_ref(&all));
+        for leaf in after {
+            assert!(
+                t.is_dirty(leaf),
+                "round {round}: leaf {leaf} written after the point was cleared"
+            );
+        }
+    }
+    Ok(())
+}

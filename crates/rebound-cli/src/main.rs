@@ -57,7 +57,24 @@ enum Command {
     Verify(cmd::workload::VerifyArgs),
 }
 
+/// Components allocate and free many multi-MiB buffers on many threads
+/// (changeset pushes, the capture queue). glibc's allocator would raise its
+/// mmap threshold after the first such free and keep the freed buffers in
+/// per-thread arenas, so resident memory creeps far above what is in use: a
+/// fixed threshold gives large buffers back to the kernel at once, and two
+/// arenas bound the rest.
+fn bound_allocator_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator parameters; called before any
+    // thread starts.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
 fn main() -> ExitCode {
+    bound_allocator_memory();
     let cli = Cli::parse();
     if matches!(
         cli.command,

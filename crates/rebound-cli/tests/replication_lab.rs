@@ -4,7 +4,7 @@
 
 use rebound_api::PointKind;
 use rebound_node::machine::Machine;
-use rebound_testkit::lab::{Lab, LabConfig, wait_for};
+use rebound_testkit::lab::{Lab, LabConfig, in_temp_dir, wait_for};
 use std::time::Duration;
 
 fn lab(dir: &std::path::Path, env: Vec<(String, String)>) -> Lab {
@@ -107,13 +107,13 @@ fn freeze_and_thaw_hooks_make_app_consistent_points() {
 
 #[test]
 fn master_target_and_process_server_outages_lose_nothing() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    in_temp_dir("outages", outages);
+}
+
+fn outages(dir: &std::path::Path) -> anyhow::Result<()> {
     // A tiny outbox bound: while the process server is down the capture
     // queue overflows into the dirty bitmap, and a resync follows.
-    let mut lab = lab(
-        dir.path(),
-        vec![("REBOUND_OUTBOX_LIMIT_MIB".into(), "0".into())],
-    );
+    let mut lab = lab(dir, vec![("REBOUND_OUTBOX_LIMIT_MIB".into(), "0".into())]);
     let a = lab.start_node("primary").expect("primary");
     let b = lab.start_node("recovery").expect("recovery");
     let (vm, man) = lab
@@ -155,6 +155,7 @@ fn master_target_and_process_server_outages_lose_nothing() {
     lab.stop_child("workload");
     let checked = failover_and_verify(&mut lab, &b.host_dir);
     assert!(checked.contains("OK"), "{checked}");
+    Ok(())
 }
 
 /// The changesets cached at the process server for the item, oldest first.
@@ -177,8 +178,11 @@ fn cached(cache: &std::path::Path) -> Vec<std::path::PathBuf> {
 /// failover to the newest point is crash-consistent.
 #[test]
 fn a_lost_or_corrupt_changeset_is_a_reported_gap_then_a_resync() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut lab = lab(dir.path(), Vec::new());
+    in_temp_dir("stream-gap", stream_gap);
+}
+
+fn stream_gap(dir: &std::path::Path) -> anyhow::Result<()> {
+    let mut lab = lab(dir, Vec::new());
     let a = lab.start_node("primary").expect("primary");
     let b = lab.start_node("recovery").expect("recovery");
     let (vm, man) = lab
@@ -253,4 +257,5 @@ fn a_lost_or_corrupt_changeset_is_a_reported_gap_then_a_resync() {
     lab.stop_child("workload");
     let checked = failover_and_verify(&mut lab, &b.host_dir);
     assert!(checked.contains("OK"), "{checked}");
+    Ok(())
 }

@@ -20,7 +20,8 @@ use crate::ship::{ShipTarget, Shipper};
 use anyhow::{Context, bail};
 use rebound_agent::changeset::{self, Closes};
 use rebound_agent::{
-    Capture, CaptureMode, DiskExport, ExportSpec, Marker, Spool, SpoolConfig, StreamOwner,
+    Capture, DiskExport, ExportSpec, Inputs, Marker, Progress, Rung, Spool, SpoolConfig,
+    StreamControl, StreamOwner,
 };
 use rebound_api::{
     AgentFacts, ComponentRole, Heartbeat, Item, Phase, ReplicationFacts, ReplicationState,
@@ -146,25 +147,18 @@ struct Agent {
     /// Our site's role for the current item (primary or recovery).
     item: Option<Item>,
     sync_barrier: Option<SyncBarrier>,
-    capture: Arc<Capture>,
-    spool: Spool,
+    stream: StreamControl,
     shipper: Shipper,
     /// Dirty-state checkpoints (intent regions leave after idleness).
     _persister: rebound_agent::Persister,
-    /// A gap the master target reports below this was made before our last
-    /// restart of the stream: that restart covers it.
-    restart_floor: u64,
     /// The item's policy: (policy id, crash-consistent, app-consistent
     /// interval), read again now and then.
     policy: Option<(String, Duration, Duration, Instant)>,
-    last_point: Instant,
-    state: ReplicationState,
     workload: Option<Child>,
     nbd_stop: Option<tokio::sync::oneshot::Sender<()>>,
     stopped: bool,
     /// The machine's freeze/thaw hooks, if it has any (`hooks.json`).
     hooks: Option<AppHooks>,
-    last_app_point: Option<Instant>,
 }
 
 /// Application-consistency hooks of a machine (`MACHINE/hooks.json`): the
@@ -206,8 +200,6 @@ fn env_mib(var: &str, default: u64) -> u64 {
         << 20
 }
 
-/// The backlog under which the stream counts as `streaming`.
-const STREAMING_BACKLOG: u64 = 128 << 20;
 /// How often the agent reads its item's policy again.
 const POLICY_EVERY: Duration = Duration::from_secs(30);
 
@@ -408,19 +400,14 @@ pub fn run(cfg: AgentConfig, shutdown: Arc<AtomicBool>) -> anyhow::Result<()> {
         data_addr,
         item: None,
         sync_barrier,
-        capture,
-        spool,
+        stream: StreamControl::new(capture, spool),
         shipper,
         _persister: persister,
-        restart_floor: 0,
         policy: None,
-        last_point: Instant::now(),
-        state: ReplicationState::Resyncing,
         workload: None,
         nbd_stop: Some(nbd_stop),
         stopped: false,
         hooks: load_hooks(&machine),
-        last_app_point: None,
         cfg,
     };
     agent.start_workload()?;
@@ -645,9 +632,9 @@ impl Agent {
             if polled {
                 self.do_work();
             }
-            let before = self.state;
+            let before = self.stream.rung();
             self.replicate();
-            if self.state != before {
+            if self.stream.rung() != before {
                 self.heartbeat();
                 last_hb = Instant::now();
             }
@@ -758,10 +745,10 @@ impl Agent {
                     // older changesets must not follow it anywhere (the
                     // stream is off during the sync; it restarts with a
                     // resync of the leaves marked since the barrier).
-                    self.capture.stop();
+                    self.stream.capture().stop();
                     self.shipper.set_target(None);
-                    self.shipper.clear_outbox(self.spool.assigned());
-                    self.spool.forget_points();
+                    self.shipper.clear_outbox(self.spool().assigned());
+                    self.spool().forget_points();
                     for (e, m) in self.exports.iter().zip(&b.markers) {
                         if let Some(t) = e.tracker() {
                             let leaves = t.leaf_count();
@@ -855,74 +842,55 @@ impl Agent {
             .map_or(fallback, |(_, c, a, _)| (*c, *a))
     }
 
-    /// Keep the change stream in step with the item: start it (with a resync
-    /// of every marked leaf) when the agent should replicate, stop it when
-    /// not, restart it after an overflow or a gap, close recovery points,
-    /// and clear marks the master target has applied.
+    /// Keep the change stream in step with the item (`StreamControl`: start
+    /// it with a resync when the agent should replicate, stop it when not,
+    /// climb the overload ladder, close points, clear applied marks); run
+    /// the freeze/thaw hooks when an app-consistent point is due.
     fn replicate(&mut self) {
         let want = self.should_replicate();
-        let mode = self.capture.mode();
-        match (want, mode) {
-            (false, CaptureMode::Off) => {}
-            (false, _) => {
-                info!("replication paused: writes are only marked");
-                self.capture.stop();
-            }
-            (true, CaptureMode::Off) => {
-                if let Some(item) = &self.item {
-                    self.spool.set_owner(Some(StreamOwner {
-                        item: item.id.clone(),
-                        agent: self.id.component_id.clone(),
-                    }));
-                    self.shipper
-                        .set_target(item.process_server_id.clone().map(|ps| ShipTarget {
-                            item_id: item.id.clone(),
-                            process_server_id: ps,
-                        }));
-                }
-                info!("change stream starts: resync of the marked leaves, then every write");
-                self.restart_stream();
-            }
-            (true, CaptureMode::Overflowed) => {
-                if changeset::queued_bytes(&outbox(&self.machine)) <= outbox_limit() / 2 {
-                    info!("the outbox drained: resync of the leaves marked meanwhile");
-                    self.restart_stream();
-                }
-            }
-            (true, CaptureMode::On) => {}
-        }
         if want && let Some(item) = &self.item {
+            self.spool().set_owner(Some(StreamOwner {
+                item: item.id.clone(),
+                agent: self.id.component_id.clone(),
+            }));
             self.shipper
                 .set_target(item.process_server_id.clone().map(|ps| ShipTarget {
                     item_id: item.id.clone(),
                     process_server_id: ps,
                 }));
         }
-        self.acknowledge_applied();
-        if !want {
-            self.track_state();
-            return;
+        let progress = self
+            .item
+            .as_ref()
+            .and_then(|i| i.replica_progress.as_ref())
+            .filter(|p| p.agent_id == self.id.component_id)
+            .map(|p| Progress {
+                applied_seq: p.applied_seq,
+                gap_expected: p.gap.as_ref().map(|g| g.expected_seq),
+            });
+        let (crash, app) = if want {
+            self.intervals()
+        } else {
+            (self.cfg.interval, Duration::MAX)
+        };
+        let inputs = Inputs {
+            want,
+            progress,
+            outbox_bytes: changeset::queued_bytes(&outbox(&self.machine)),
+            outbox_limit: outbox_limit(),
+            shipping_failed: self.shipper.failing(),
+            crash_every: crash,
+            app_every: self.hooks.as_ref().map(|_| app),
+        };
+        let now = Instant::now();
+        let tick = self.stream.tick(now, &inputs);
+        if tick.app_due {
+            self.app_point(now);
         }
-        let (crash, app) = self.intervals();
-        let app_due =
-            self.hooks.is_some() && self.last_app_point.is_none_or(|t| t.elapsed() >= app);
-        if app_due && self.capture.mode() == CaptureMode::On && !self.capture.resync_pending() {
-            self.app_point();
-        } else if self.last_point.elapsed() >= crash
-            && self.capture.barrier(Closes::CrashConsistent).is_some()
-        {
-            self.last_point = Instant::now();
-        }
-        self.track_state();
-    }
-
-    fn restart_stream(&mut self) {
-        self.restart_floor = self.spool.assigned() + 1;
-        self.capture.start();
     }
 
     /// Freeze the application, close an app-consistent point, thaw.
-    fn app_point(&mut self) {
+    fn app_point(&mut self, now: Instant) {
         let Some(h) = self.hooks.clone() else { return };
         let closes = match run_hook(&h.freeze, "freeze") {
             Ok(()) => Closes::AppConsistent,
@@ -931,91 +899,43 @@ impl Agent {
                 Closes::CrashConsistent
             }
         };
-        let at = self.capture.barrier(closes);
+        let closed = self.stream.app_point(now, closes);
         if closes == Closes::AppConsistent
             && let Err(e) = run_hook(&h.thaw, "thaw")
         {
             warn!(error = %e, "thaw failed");
         }
-        self.last_app_point = Some(Instant::now());
-        if at.is_some() {
-            self.last_point = Instant::now();
+        if closed {
             info!(?closes, "application-consistent point closed");
         }
     }
 
-    /// The master target's progress on our stream: clear the marks of what
-    /// it applied; restart the stream after a gap it found.
-    fn acknowledge_applied(&mut self) {
-        let Some(p) = self.item.as_ref().and_then(|i| i.replica_progress.clone()) else {
-            return;
-        };
-        if p.agent_id != self.id.component_id {
-            return;
-        }
-        if let Some(seq) = self.spool.applied(p.applied_seq) {
-            for e in &self.exports {
-                if let Some(t) = e.tracker()
-                    && let Err(err) = t.persist()
-                {
-                    warn!(disk = e.name(), error = %err, "persisting the dirty state failed");
-                }
-            }
-            debug!(seq, "marks cleared up to an applied point");
-        }
-        if let Some(g) = &p.gap
-            && g.expected_seq >= self.restart_floor
-            && self.should_replicate()
-        {
-            warn!(
-                expected = g.expected_seq,
-                found = ?g.found_seq,
-                reason = %g.reason,
-                "the master target found a gap in the stream: resync of every leaf not applied"
-            );
-            self.restart_stream();
-        }
+    fn spool(&self) -> &Spool {
+        self.stream.spool()
     }
 
     fn replication_facts(&self) -> Option<ReplicationFacts> {
         if !self.should_replicate() {
             return None;
         }
-        let backlog = self.capture.queued_bytes() + changeset::queued_bytes(&outbox(&self.machine));
-        let resync = self.spool.resync_left();
+        let backlog = self
+            .stream
+            .backlog(changeset::queued_bytes(&outbox(&self.machine)));
+        let resync = self.spool().resync_left();
         let rate = self.shipper.rate();
-        let applied = self
-            .item
-            .as_ref()
-            .and_then(|i| i.replica_progress.as_ref())
-            .filter(|p| p.agent_id == self.id.component_id)
-            .map_or(0, |p| p.applied_seq);
         Some(ReplicationFacts {
-            state: self.state,
+            state: match self.stream.rung() {
+                Rung::Streaming => ReplicationState::Streaming,
+                Rung::Backlogged => ReplicationState::Backlogged,
+                Rung::Resyncing => ReplicationState::Resyncing,
+            },
             backlog_bytes: backlog,
             resync_bytes: resync,
             eta_secs: (rate > 0).then(|| (backlog + resync).div_ceil(rate)),
-            captured_seq: self.spool.last_closed(),
+            captured_seq: self.spool().last_closed(),
             shipped_seq: self.shipper.shipped_seq(),
-            applied_seq: applied,
+            applied_seq: self.stream.applied_seq(),
         })
-    }
-
-    /// The rung of the overload ladder, logged when it changes.
-    fn track_state(&mut self) {
-        let backlog = self.capture.queued_bytes() + changeset::queued_bytes(&outbox(&self.machine));
-        let state = match self.capture.mode() {
-            CaptureMode::Overflowed => ReplicationState::Resyncing,
-            _ if self.capture.resync_pending() => ReplicationState::Resyncing,
-            _ if backlog > STREAMING_BACKLOG || self.shipper.failing() => {
-                ReplicationState::Backlogged
-            }
-            _ => ReplicationState::Streaming,
-        };
-        if state != self.state {
-            info!(from = ?self.state, to = ?state, backlog, "replication state changed");
-            self.state = state;
-        }
     }
 
     /// Steps assigned to this agent (stop the source for phase 2).
@@ -1069,13 +989,18 @@ impl Agent {
     /// After the machine stopped: close a last point and give the shipper a
     /// moment to hand it to the process server.
     fn final_point(&mut self) {
-        if self.capture.barrier(Closes::CrashConsistent).is_none() {
+        if self
+            .stream
+            .capture()
+            .barrier(Closes::CrashConsistent)
+            .is_none()
+        {
             return;
         }
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut closed = false;
         while Instant::now() < deadline {
-            if !closed && self.spool.floor() > self.spool.assigned() {
+            if !closed && self.spool().floor() > self.spool().assigned() {
                 closed = true;
             }
             if closed && changeset::queued(&outbox(&self.machine)).is_ok_and(|q| q.is_empty()) {

@@ -445,6 +445,20 @@ impl Lab {
                 .filter(|p| p.barrier_ns.unwrap_or(0) > after_ns)
                 .max_by_key(|p| p.barrier_ns))
         })
+        .map_err(|e| {
+            // Say where the stream stands: which hop to look at.
+            let state = self
+                .admin
+                .item(item)
+                .map(|i| {
+                    format!(
+                        "replication {:?}, progress {:?}",
+                        i.replication, i.replica_progress
+                    )
+                })
+                .unwrap_or_else(|e| format!("item unreadable: {e}"));
+            e.context(format!("{item}: {state}; logs in {}", self.dir.display()))
+        })
     }
 
     /// The write log shared by every workload of the lab's machine history.
@@ -593,15 +607,26 @@ pub fn in_temp_dir(name: &str, body: impl FnOnce(&Path) -> anyhow::Result<()>) {
     let dir = tmp.path().canonicalize().expect("canonical lab dir");
     let t0 = Instant::now();
     let secs = || t0.elapsed().as_secs_f64();
-    match body(&dir) {
-        Ok(()) => eprintln!("{name}: passed in {:.1} s", secs()),
-        Err(e) => {
+    // A panicking body (an `expect`) keeps its lab too.
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body(&dir)));
+    match r {
+        Ok(Ok(())) => eprintln!("{name}: passed in {:.1} s", secs()),
+        Ok(Err(e)) => {
             let kept = tmp.keep();
             panic!(
                 "{name} failed after {:.1} s (lab kept in {}): {e:#}",
                 secs(),
                 kept.display()
             );
+        }
+        Err(p) => {
+            let kept = tmp.keep();
+            eprintln!(
+                "{name} panicked after {:.1} s (lab kept in {})",
+                secs(),
+                kept.display()
+            );
+            std::panic::resume_unwind(p);
         }
     }
 }
