@@ -310,33 +310,46 @@ fn read_header(r: &mut impl Read) -> Result<Header, ChangesetError> {
     })
 }
 
-/// Remembers what [`verify`] said of each file while its length and mtime
-/// stay the same, so a queue scanned every few milliseconds hashes each
-/// file once, not on every scan.
+/// Remembers what [`verify`] said of each file, so a queue scanned every
+/// few milliseconds hashes each complete file once, not on every scan. A
+/// success is kept while the file's length and mtime stay the same; a
+/// failure only briefly (a file still arriving may keep its length and,
+/// within the kernel's timestamp granularity, its mtime).
 #[derive(Default)]
 pub struct VerifyCache {
-    seen: std::collections::HashMap<PathBuf, (u64, std::time::SystemTime, Option<Header>)>,
+    seen: std::collections::HashMap<PathBuf, Seen>,
 }
+
+enum Seen {
+    Complete(u64, std::time::SystemTime, Header),
+    Invalid(std::time::Instant),
+}
+
+/// How long an invalid verdict stands before the file is hashed again.
+const INVALID_FOR: std::time::Duration = std::time::Duration::from_millis(250);
 
 impl VerifyCache {
     pub fn verify(&mut self, path: &Path) -> Result<Header, ChangesetError> {
         let m = std::fs::metadata(path)?;
-        let key = (m.len(), m.modified()?);
-        if let Some((len, t, h)) = self.seen.get(path)
-            && (*len, *t) == key
-        {
-            return h.clone().ok_or_else(|| {
-                ChangesetError::Invalid("checksum mismatch (incomplete or corrupt)".into())
-            });
+        let (len, mtime) = (m.len(), m.modified()?);
+        match self.seen.get(path) {
+            Some(Seen::Complete(l, t, h)) if (*l, *t) == (len, mtime) => return Ok(h.clone()),
+            Some(Seen::Invalid(at)) if at.elapsed() < INVALID_FOR => {
+                return Err(ChangesetError::Invalid(
+                    "checksum mismatch (incomplete or corrupt)".into(),
+                ));
+            }
+            _ => {}
         }
         let r = verify(path);
         match &r {
             Ok(h) => {
                 self.seen
-                    .insert(path.to_path_buf(), (key.0, key.1, Some(h.clone())));
+                    .insert(path.to_path_buf(), Seen::Complete(len, mtime, h.clone()));
             }
             Err(ChangesetError::Invalid(_)) => {
-                self.seen.insert(path.to_path_buf(), (key.0, key.1, None));
+                self.seen
+                    .insert(path.to_path_buf(), Seen::Invalid(std::time::Instant::now()));
             }
             Err(_) => {}
         }

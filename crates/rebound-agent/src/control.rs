@@ -27,6 +27,8 @@ pub struct Progress {
     pub applied_seq: u64,
     /// The apply stopped: it expected this sequence number next.
     pub gap_expected: Option<u64>,
+    /// What it found instead.
+    pub gap_found: Option<u64>,
 }
 
 /// What the agent knows this tick.
@@ -165,14 +167,16 @@ impl StreamControl {
                 t.acked = Some(seq);
             }
             // A gap at or below the floor predates the last restart, unless
-            // it outlives it (the restart's own files were lost).
+            // the master target found files of the restart after it (the
+            // restart's first files were lost), or it outlives the restart.
             let retry = self
                 .restarted_at
                 .is_none_or(|r| now.duration_since(r) > GAP_RETRY);
+            let after_restart = p.gap_found.is_some_and(|f| f >= self.restart_floor);
             if let Some(g) = p.gap_expected
                 && i.want
                 && t.restarted.is_none()
-                && (g > self.restart_floor || retry)
+                && (g > self.restart_floor || after_restart || retry)
             {
                 warn!(
                     expected = g,
@@ -353,6 +357,7 @@ mod tests {
         i.progress = Some(Progress {
             applied_seq: seq,
             gap_expected: None,
+            gap_found: None,
         });
         assert_eq!(f.ctl.tick(now, &i).acked, Some(seq));
         assert!(!tr.is_dirty(2), "applied: the mark is cleared");
@@ -361,10 +366,30 @@ mod tests {
         i.progress = Some(Progress {
             applied_seq: seq,
             gap_expected: Some(seq + 1),
+            gap_found: Some(seq + 1),
         });
         assert_eq!(f.ctl.tick(now, &i).restarted, Some(Restart::Gap(seq + 1)));
+        // Reported again from before the restart (nothing found past it).
+        i.progress = Some(Progress {
+            applied_seq: seq,
+            gap_expected: Some(seq + 1),
+            gap_found: None,
+        });
         assert_eq!(f.ctl.tick(now, &i).restarted, None);
-        // Unless it outlives the restart: its files were lost too.
+        // Unless files after the restart are found past the gap (the
+        // restart's first files were lost), or it outlives the restart.
+        let floor = f.ctl.restart_floor;
+        i.progress = Some(Progress {
+            applied_seq: seq,
+            gap_expected: Some(seq + 1),
+            gap_found: Some(floor + 1),
+        });
+        assert_eq!(f.ctl.tick(now, &i).restarted, Some(Restart::Gap(seq + 1)));
+        i.progress = Some(Progress {
+            applied_seq: seq,
+            gap_expected: Some(seq + 1),
+            gap_found: None,
+        });
         let later = now + GAP_RETRY + Duration::from_secs(1);
         assert_eq!(f.ctl.tick(later, &i).restarted, Some(Restart::Gap(seq + 1)));
     }

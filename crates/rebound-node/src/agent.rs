@@ -867,6 +867,7 @@ impl Agent {
             .map(|p| Progress {
                 applied_seq: p.applied_seq,
                 gap_expected: p.gap.as_ref().map(|g| g.expected_seq),
+                gap_found: p.gap.as_ref().and_then(|g| g.found_seq),
             });
         let (crash, app) = if want {
             self.intervals()

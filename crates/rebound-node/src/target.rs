@@ -16,7 +16,7 @@
 use crate::agent::{MANIFEST_COPY, remote_addr};
 use crate::client::Api;
 use crate::machine::{self, Machine, Manifest};
-use anyhow::{Context, anyhow, bail};
+use anyhow::{Context, anyhow};
 use rebound_agent::changeset::{self, Closes};
 use rebound_api::{
     Action, FailoverKind, Item, Job, Location, NewRecoveryPoint, Phase, PointKind, StepReport,
@@ -370,12 +370,21 @@ impl TargetRole {
         }
         let before = (meta.agent.clone(), meta.applied_seq);
         let mut gap = None;
+        // Whose stream has the gap (the replica may have applied none yet).
+        let mut gap_agent: Option<String> = None;
         for (i, (seq, path)) in queued.iter().enumerate().skip(start) {
             let seq = *seq;
             let Some(header) = headers[i].clone() else {
                 // The process server forwards in order: a later complete
-                // file means this one will never be whole.
-                if headers[i + 1..].iter().any(Option::is_some) {
+                // file means this one will never be whole (judged on a fresh
+                // hash, not on a remembered verdict).
+                if headers[i + 1..].iter().any(Option::is_some) && changeset::verify(path).is_err()
+                {
+                    if let Ok(h) = changeset::header_of(path)
+                        && !h.agent.is_empty()
+                    {
+                        gap_agent = Some(h.agent);
+                    }
                     let aside = dir.join("rejected");
                     crashsafe::create_dir_all_durable(&aside)?;
                     crashsafe::durable_rename(path, &aside.join(changeset::file_name(seq)))?;
@@ -390,10 +399,22 @@ impl TargetRole {
                 break;
             };
             if header.item != item_id || header.disk_sizes.len() != meta.disks.len() {
-                bail!(
-                    "E{} changeset {seq} does not match the replica of {item_id}",
-                    ErrorCode::InvalidRequest.number()
+                // Never applied, never blocking: kept as evidence, and the
+                // gap makes the agent resynchronise.
+                let aside = dir.join("rejected");
+                crashsafe::create_dir_all_durable(&aside)?;
+                crashsafe::durable_rename(path, &aside.join(changeset::file_name(seq)))?;
+                warn!(
+                    item = item_id,
+                    seq,
+                    code = ErrorCode::InvalidRequest.number(),
+                    "changeset does not match the replica (item {}, {} disks): set aside",
+                    header.item,
+                    header.disk_sizes.len()
                 );
+                gap_agent = Some(header.agent.clone());
+                gap = Some((seq, format!("changeset {seq} does not match the replica")));
+                break;
             }
             let same = header.agent == meta.agent;
             let stale = header.barrier_ns <= meta.base_after_ns
@@ -406,6 +427,7 @@ impl TargetRole {
                 continue;
             }
             if !(header.restart || (same && seq == meta.applied_seq + 1)) {
+                gap_agent = Some(header.agent.clone());
                 gap = Some((
                     seq,
                     if same {
@@ -429,11 +451,27 @@ impl TargetRole {
             crashsafe::remove_file_durable(path)?;
         }
         if gap.is_some() || (meta.agent.clone(), meta.applied_seq) != before {
+            let agent_id = gap_agent
+                .filter(|a| !a.is_empty() && gap.is_some())
+                .unwrap_or_else(|| meta.agent.clone());
+            if agent_id.is_empty() {
+                warn!(
+                    item = item_id,
+                    "a gap in a stream whose agent is unknown: not reported"
+                );
+                return Ok(());
+            }
+            // Another agent's stream has applied nothing on this replica.
+            let applied_seq = if agent_id == meta.agent {
+                meta.applied_seq
+            } else {
+                0
+            };
             let progress = rebound_api::ReplicaProgress {
-                agent_id: meta.agent.clone(),
-                applied_seq: meta.applied_seq,
+                agent_id,
+                applied_seq,
                 gap: gap.map(|(found, reason)| rebound_api::StreamGap {
-                    expected_seq: meta.applied_seq + 1,
+                    expected_seq: applied_seq + 1,
                     found_seq: Some(found),
                     reason,
                 }),
