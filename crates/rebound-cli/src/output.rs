@@ -13,3 +13,19 @@ pub fn print(text: &str) -> anyhow::Result<()> {
         r => r.context("writing the result to stdout"),
     }
 }
+
+/// Bytes in binary units, one decimal ("12.5 MiB"; "512 B").
+pub fn human_bytes(b: u64) -> String {
+    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < U.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", U[i])
+    }
+}

@@ -57,20 +57,7 @@ fn say(msg: impl AsRef<str>) {
     let _ = out.flush();
 }
 
-fn human(b: u64) -> String {
-    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = b as f64;
-    let mut i = 0;
-    while v >= 1024.0 && i < U.len() - 1 {
-        v /= 1024.0;
-        i += 1;
-    }
-    if i == 0 {
-        format!("{b} B")
-    } else {
-        format!("{v:.1} {}", U[i])
-    }
-}
+use crate::output::human_bytes as human;
 
 impl Timeline {
     fn row(&mut self, step: &str, t0: Instant, bytes: Option<u64>, note: impl Into<String>) {

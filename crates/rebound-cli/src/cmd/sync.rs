@@ -166,20 +166,7 @@ fn spawn_bar(
     (h, stop)
 }
 
-fn human(b: u64) -> String {
-    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = b as f64;
-    let mut i = 0;
-    while v >= 1024.0 && i < U.len() - 1 {
-        v /= 1024.0;
-        i += 1;
-    }
-    if i == 0 {
-        format!("{b} B")
-    } else {
-        format!("{v:.1} {}", U[i])
-    }
-}
+use crate::output::human_bytes as human;
 
 fn emit(r: &Report, json: bool) -> anyhow::Result<()> {
     let text = if json {
