@@ -341,6 +341,28 @@ impl Capture {
         }
     }
 
+    /// Everything queued, waiting at most `timeout` for a first entry: one
+    /// lock for a whole batch, so the spooler does not contend with the
+    /// write path entry by entry.
+    pub fn drain(&self, timeout: Duration) -> VecDeque<Entry> {
+        let deadline = Instant::now() + timeout;
+        let mut q = self.lock();
+        loop {
+            if !q.entries.is_empty() {
+                q.bytes = 0;
+                return std::mem::take(&mut q.entries);
+            }
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                return VecDeque::new();
+            };
+            q = self
+                .ready
+                .wait_timeout(q, left)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+    }
+
     /// The change is captured as whole leaves: the leaf-aligned interior of
     /// `range` and the partial leaves at its edges.
     pub fn leaf_span(range: &Range<u64>) -> Range<u64> {

@@ -308,14 +308,13 @@ impl Spooler {
         } else {
             Duration::from_millis(100)
         };
-        let mut did = false;
-        // Bounded drain so a resync makes progress too.
-        let max = if self.resync.is_some() { 256 } else { 4096 };
-        for _ in 0..max {
-            let Some(e) = self.capture.next(if did { Duration::ZERO } else { wait }) else {
-                break;
-            };
-            did = true;
+        // One batch (at most the queue's bound), then a resync slice.
+        // A batch lost to a failure is not lost to the replica: its writes
+        // were marked when they completed, no point after them was
+        // acknowledged, and the restart that follows ships every mark.
+        let batch = self.capture.drain(wait);
+        let mut did = !batch.is_empty();
+        for e in batch {
             self.entry(e)?;
         }
         if self.resync.is_some() {
