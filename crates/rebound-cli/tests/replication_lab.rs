@@ -259,3 +259,42 @@ fn stream_gap(dir: &std::path::Path) -> anyhow::Result<()> {
     assert!(checked.contains("OK"), "{checked}");
     Ok(())
 }
+
+/// The agent is killed with SIGKILL twice while it streams (the second time
+/// just after its restart, while its resync may still be running): its node
+/// restarts it, the stream restarts from the dirty bitmap, points resume,
+/// and a failover to the newest point is crash-consistent.
+#[test]
+fn an_agent_killed_while_streaming_resumes_from_its_bitmap() {
+    in_temp_dir("stream-agent-kill", |dir| {
+        let mut lab = lab(dir, Vec::new());
+        let a = lab.start_node("primary")?;
+        let b = lab.start_node("recovery")?;
+        let (vm, man) =
+            lab.create_machine(&a, "vm1", &[("disk0", 8 << 20), ("disk1", 4 << 20)], true)?;
+        lab.start_workload("workload", &vm, 30, &[])?;
+        lab.add_item(&man, true)?;
+        let job = lab.action("vm1", &lab.protect_request(&a, &b))?;
+        lab.wait_job(&job, false)?;
+        let mut last = lab.wait_point("vm1", 0)?;
+        for pause in [Duration::from_secs(3), Duration::from_millis(300)] {
+            let before = vm.agent_pid();
+            let pid = before
+                .and_then(rustix::process::Pid::from_raw)
+                .ok_or_else(|| anyhow::anyhow!("no agent pid"))?;
+            rustix::process::kill_process(pid, rustix::process::Signal::KILL)?;
+            wait_for(Duration::from_secs(30), "the agent restarted", || {
+                Ok((vm.is_running() && vm.agent_pid() != before).then_some(()))
+            })?;
+            std::thread::sleep(pause);
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_nanos() as u64;
+            last = lab.wait_point("vm1", now.max(last.barrier_ns.unwrap_or(0)))?;
+        }
+        lab.stop_child("workload");
+        let checked = failover_and_verify(&mut lab, &b.host_dir);
+        anyhow::ensure!(checked.contains("OK"), "{checked}");
+        Ok(())
+    });
+}
