@@ -24,7 +24,7 @@ enum AgentCommand {
     /// every changed 4 KiB block persistently.
     Export(ExportArgs),
     /// Run a machine's agent: serve its disks over NBD, register and
-    /// heartbeat, replicate by cycles, run its workload. Nodes start it.
+    /// heartbeat, replicate continuously, run its workload. Nodes start it.
     Run(RunArgs),
 }
 
@@ -39,8 +39,10 @@ struct RunArgs {
     site: String,
     #[arg(long, env = "REBOUND_REGISTRATION_KEY", hide_env_values = true)]
     registration_key: String,
-    /// Replication cycle in seconds (the RPO).
-    #[arg(long, env = "REBOUND_RPO_SECS", default_value_t = 30)]
+    /// Crash-consistent point interval in seconds, used only while the
+    /// item's replication policy cannot be read (the policy's
+    /// crash-consistent frequency wins).
+    #[arg(long, env = "REBOUND_RPO_SECS", default_value_t = 5)]
     interval_secs: u64,
     #[arg(long, env = "REBOUND_HEARTBEAT_SECS", default_value_t = 5)]
     heartbeat_secs: u64,

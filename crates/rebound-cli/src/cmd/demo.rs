@@ -31,7 +31,8 @@ pub struct DemoArgs {
     /// Size of the machine's first disk (the second is half of it).
     #[arg(long, default_value = "64M")]
     disk_size: String,
-    /// Replication cycle (RPO) of the agents, in seconds.
+    /// Interval of crash-consistent recovery points, in seconds (the lab
+    /// policy's crash-consistent frequency).
     #[arg(long, default_value_t = 2)]
     rpo_secs: u64,
     /// Workload writes per second and per writer.
