@@ -118,6 +118,9 @@ pub struct Capture {
     trackers: Vec<Arc<DirtyTracker>>,
     limit: u64,
     stripes: Vec<Mutex<()>>,
+    /// After a group barrier, writes captured after it are acknowledged no
+    /// earlier than this (ns since the epoch): see [`Capture::group_barrier`].
+    ack_not_before: AtomicU64,
     pub stats: CaptureStats,
 }
 
@@ -150,6 +153,7 @@ impl Capture {
             trackers,
             limit,
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            ack_not_before: AtomicU64::new(0),
             stats: CaptureStats::default(),
         })
     }
@@ -270,6 +274,50 @@ impl Capture {
         self.stats.barriers.fetch_add(1, SeqCst);
         self.ready.notify_one();
         Some(at_ns)
+    }
+
+    /// Close a replication group's point at the agreed time `at_ns` (a
+    /// multiple of the group's interval on every member's clock). Members'
+    /// clocks differ by at most `skew` and each closes its barrier within
+    /// `late` of `at_ns` (a member later than that closes none, and the
+    /// marker is not common): a write captured after this barrier is then
+    /// acknowledged only after `at_ns + late + 2 × skew`, by which time
+    /// every member's barrier is behind, so a write another member issues
+    /// after seeing that acknowledgement falls after its barrier too. The
+    /// group's points are closed under causality; writes wait at most
+    /// `late + 2 × skew`, once per interval.
+    pub fn group_barrier(&self, at_ns: u64, late: Duration, skew: Duration) -> Option<u64> {
+        let mut q = self.lock();
+        let now = now_ns();
+        if q.mode != Mode::On || q.resync_pending || now > at_ns + late.as_nanos() as u64 {
+            return None;
+        }
+        let markers = self.trackers.iter().map(|t| t.period()).collect();
+        self.ack_not_before.store(
+            at_ns + late.as_nanos() as u64 + 2 * skew.as_nanos() as u64,
+            SeqCst,
+        );
+        let e = Entry::Barrier {
+            closes: Closes::Group,
+            at_ns,
+            markers,
+        };
+        q.bytes += e.bytes();
+        q.entries.push_back(e);
+        drop(q);
+        self.stats.barriers.fetch_add(1, SeqCst);
+        self.ready.notify_one();
+        Some(at_ns)
+    }
+
+    /// Wait, before acknowledging a captured write, until a group barrier's
+    /// hold is over (usually returns at once).
+    pub fn ack_wait(&self) {
+        let until = self.ack_not_before.load(SeqCst);
+        let now = now_ns();
+        if until > now {
+            std::thread::sleep(Duration::from_nanos(until - now));
+        }
     }
 
     /// Start streaming (or restart after an overflow or a gap): queue a
@@ -432,6 +480,41 @@ mod tests {
         ));
         assert!(matches!(&e[3], Entry::Barrier { markers, .. } if markers.len() == 2));
         assert_eq!(c.queued_bytes(), 0);
+        Ok(())
+    }
+
+    #[test]
+    fn a_group_point_closes_only_on_time_and_holds_later_acks()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let c = Capture::new(trackers(dir.path(), 1), 1 << 20);
+        c.start();
+        c.resync_done(1);
+        let late = Duration::from_millis(40);
+        // Too late for the agreed time: no group point.
+        assert!(
+            c.group_barrier(now_ns() - 1_000_000_000, late, Duration::ZERO)
+                .is_none()
+        );
+        let at = now_ns();
+        assert_eq!(
+            c.group_barrier(at, late, Duration::from_millis(5)),
+            Some(at)
+        );
+        // A write captured now is acknowledged only once every member's
+        // barrier is behind: at + late + 2 × skew.
+        c.write(0, 0, &[1; 4096]);
+        c.ack_wait();
+        assert!(now_ns() >= at + 50_000_000);
+        let e = drain(&c);
+        assert!(matches!(
+            &e[1],
+            Entry::Barrier {
+                closes: Closes::Group,
+                at_ns,
+                ..
+            } if *at_ns == at
+        ));
         Ok(())
     }
 

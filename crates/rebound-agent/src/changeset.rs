@@ -13,7 +13,8 @@
 //! are multiples of 4 KiB. Records are in the order the agent captured the
 //! writes, so applying them in file order reproduces the disk. The end
 //! record says what the file closes (0 nothing, 1 a crash-consistent point,
-//! 2 an app-consistent point) and at which barrier: both are known only
+//! 2 an app-consistent point, 3 a group point whose marker is its barrier
+//! time) and at which barrier: both are known only
 //! when the file is closed, after its records were streamed out.
 //!
 //! The trailing BLAKE3 covers the whole file, so a file still being
@@ -49,6 +50,9 @@ pub enum Closes {
     Nothing,
     CrashConsistent,
     AppConsistent,
+    /// A crash-consistent point that is also its replication group's:
+    /// every member closes one at the same barrier time, its marker.
+    Group,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -86,6 +90,7 @@ impl Closes {
             Closes::Nothing => 0,
             Closes::CrashConsistent => 1,
             Closes::AppConsistent => 2,
+            Closes::Group => 3,
         }
     }
     fn from_code(c: u16) -> Option<Closes> {
@@ -93,6 +98,7 @@ impl Closes {
             0 => Closes::Nothing,
             1 => Closes::CrashConsistent,
             2 => Closes::AppConsistent,
+            3 => Closes::Group,
             _ => return None,
         })
     }

@@ -44,6 +44,26 @@ pub struct Inputs {
     pub crash_every: Duration,
     /// App-consistent interval; `None` when the machine has no hooks.
     pub app_every: Option<Duration>,
+    /// The item belongs to a replication group: points close at multiples
+    /// of `crash_every` on the wall clock, as group points.
+    pub group: bool,
+    /// Now on the wall clock (ns since the epoch).
+    pub wall_ns: u64,
+}
+
+/// A member closes a group point at most this late after the agreed time;
+/// later, it closes a plain point (the marker is then not common).
+pub const GROUP_LATE: Duration = Duration::from_millis(25);
+
+/// Clock difference allowed between the members' hosts
+/// (`REBOUND_CLOCK_SKEW_MS`, default 5 ms: hosts on one site's NTP).
+pub fn clock_skew() -> Duration {
+    Duration::from_millis(
+        std::env::var("REBOUND_CLOCK_SKEW_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(5),
+    )
 }
 
 /// Why the stream (re)started with a resync.
@@ -80,6 +100,8 @@ pub struct StreamControl {
     restarted_at: Option<Instant>,
     last_point: Option<Instant>,
     last_app: Option<Instant>,
+    /// The last agreed group time handled.
+    last_group_ns: u64,
     rung: Rung,
     /// The master target's last applied sequence number, and since when.
     applied: (u64, Instant),
@@ -100,6 +122,7 @@ impl StreamControl {
             restarted_at: None,
             last_point: None,
             last_app: None,
+            last_group_ns: 0,
             rung: Rung::Resyncing,
             applied: (0, Instant::now()),
         }
@@ -192,6 +215,24 @@ impl StreamControl {
             };
             if ready && i.app_every.is_some_and(|a| due(self.last_app, a)) {
                 t.app_due = true;
+            } else if i.group {
+                let every = i.crash_every.as_nanos().max(1) as u64;
+                let at = i.wall_ns / every * every;
+                if at > self.last_group_ns {
+                    self.last_group_ns = at;
+                    let closed = self
+                        .capture
+                        .group_barrier(at, GROUP_LATE, clock_skew())
+                        .or_else(|| {
+                            // Too late for the group (or not ready): a
+                            // point of this item alone.
+                            self.capture.barrier(Closes::CrashConsistent)
+                        });
+                    if closed.is_some() {
+                        self.last_point = Some(now);
+                        t.point = true;
+                    }
+                }
             } else if due(self.last_point, i.crash_every)
                 && self.capture.barrier(Closes::CrashConsistent).is_some()
             {
@@ -206,6 +247,16 @@ impl StreamControl {
             self.rung = rung;
         }
         t
+    }
+
+    /// Time until the next agreed group time (for the caller's sleep).
+    pub fn until_next_group(&self, i: &Inputs) -> Option<Duration> {
+        if !i.group || !i.want {
+            return None;
+        }
+        let every = i.crash_every.as_nanos().max(1) as u64;
+        let next = (i.wall_ns / every + 1) * every;
+        Some(Duration::from_nanos(next - i.wall_ns))
     }
 
     /// Close an app-consistent point (`closes` is crash-consistent when the
@@ -300,6 +351,8 @@ mod tests {
             shipping_failed: false,
             crash_every: Duration::from_secs(1),
             app_every: None,
+            group: false,
+            wall_ns: 0,
         }
     }
 

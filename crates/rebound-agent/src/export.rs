@@ -167,6 +167,14 @@ impl DiskExport {
         Ok(())
     }
 
+    /// A group point's hold (see `Capture::group_barrier`), outside the
+    /// locks of the write.
+    fn ack_wait(&self) {
+        if let Some((c, _)) = self.capture.get() {
+            c.ack_wait();
+        }
+    }
+
     fn order(&self, range: &Range<u64>) -> Option<crate::capture::Ordered<'_>> {
         self.capture
             .get()
@@ -233,6 +241,7 @@ impl BlockDevice for DiskExport {
         self.capture_change(range, Some(data))?;
         drop(o);
         drop(g);
+        self.ack_wait();
         self.sync_if(fua)
     }
 

@@ -151,6 +151,9 @@ struct Agent {
     shipper: Shipper,
     /// Dirty-state checkpoints (intent regions leave after idleness).
     _persister: rebound_agent::Persister,
+    /// Time to the next group point, when the item is in a group: the loop
+    /// wakes for it.
+    next_group: Option<Duration>,
     /// The item's policy: (policy id, crash-consistent, app-consistent
     /// interval), read again now and then.
     policy: Option<(String, Duration, Duration, Instant)>,
@@ -403,6 +406,7 @@ pub fn run(cfg: AgentConfig, shutdown: Arc<AtomicBool>) -> anyhow::Result<()> {
         stream: StreamControl::new(capture, spool),
         shipper,
         _persister: persister,
+        next_group: None,
         policy: None,
         workload: None,
         nbd_stop: Some(nbd_stop),
@@ -642,7 +646,9 @@ impl Agent {
                 info!("machine stopped and no job needs its disks: agent exits");
                 return Ok(());
             }
-            std::thread::sleep(Duration::from_millis(50));
+            // Group points close at agreed times: wake for the next one.
+            let nap = Duration::from_millis(50);
+            std::thread::sleep(self.next_group.map_or(nap, |d| d.min(nap)));
         }
         Ok(())
     }
@@ -882,12 +888,15 @@ impl Agent {
             shipping_failed: self.shipper.failing(),
             crash_every: crash,
             app_every: self.hooks.as_ref().map(|_| app),
+            group: self.item.as_ref().is_some_and(|i| i.group_id.is_some()),
+            wall_ns: now_ns(),
         };
         let now = Instant::now();
         let tick = self.stream.tick(now, &inputs);
         if tick.app_due {
             self.app_point(now);
         }
+        self.next_group = self.stream.until_next_group(&inputs);
     }
 
     /// Freeze the application, close an app-consistent point, thaw.

@@ -499,8 +499,11 @@ impl TargetRole {
             Closes::Nothing => None,
             Closes::CrashConsistent => Some(rebound_journal::PointKind::CrashConsistent),
             Closes::AppConsistent => Some(rebound_journal::PointKind::AppConsistent),
+            Closes::Group => Some(rebound_journal::PointKind::Group),
         };
         let at = header.barrier_ns;
+        // A group point's marker is its barrier time, agreed by every member.
+        let marker = (header.closes == Closes::Group).then(|| at.to_string());
         let point = self.with_journal(meta, |j| {
             let mut cs = Changeset::new().at(at);
             let mut bytes = 0usize;
@@ -542,9 +545,10 @@ impl TargetRole {
                 Ok(())
             })
             .map_err(|e| anyhow!("{e}"))?;
-            let cs = match kind {
-                Some(k) => cs.point(k),
-                None => cs,
+            let cs = match (kind, &marker) {
+                (Some(_), Some(m)) => cs.group_point(m.clone()),
+                (Some(k), None) => cs.point(k),
+                (None, _) => cs,
             };
             Ok(j.append(&cs)?.point)
         })?;
@@ -558,7 +562,7 @@ impl TargetRole {
                         rebound_journal::PointKind::AppConsistent => PointKind::AppConsistent,
                         _ => PointKind::CrashConsistent,
                     },
-                    group_marker: None,
+                    group_marker: marker.clone(),
                     barrier_ns: Some(at),
                 },
             );
