@@ -697,13 +697,20 @@ pub struct RecoveryPoint {
 }
 
 /// How an action's `point_id` chooses a recovery point: a point id, or
-/// `latest`, `latest-processed`, `latest-app-consistent`, or `at:TIME`
-/// (RFC 3339: the latest point at or before it).
+/// `latest`, `latest-processed`, `latest-app-consistent`, `latest-group`,
+/// `group:MARKER`, or `at:TIME` (RFC 3339: the latest point at or before
+/// it).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PointChoice {
     Latest,
     LatestProcessed,
     LatestAppConsistent,
+    /// The latest group point common to every member of the item's
+    /// replication group (or every item of the recovery plan); the
+    /// configuration server turns it into `Group(marker)`.
+    LatestGroup,
+    /// The group point with this marker (`group:MARKER`).
+    Group(String),
     /// Nanoseconds since the UNIX epoch.
     AtOrBefore(u64),
     Id(String),
@@ -741,6 +748,8 @@ impl PointChoice {
             "latest" => PointChoice::Latest,
             "latest-processed" => PointChoice::LatestProcessed,
             "latest-app-consistent" => PointChoice::LatestAppConsistent,
+            "latest-group" => PointChoice::LatestGroup,
+            other if other.starts_with("group:") => PointChoice::Group(other[6..].to_string()),
             other => match other
                 .strip_prefix("at:")
                 .and_then(|t| humantime::parse_rfc3339_weak(t).ok())

@@ -363,6 +363,25 @@ fn group_points_are_consistent_across_members() {
             "{n} causal pairs written; {} common group points",
             common.len()
         );
+        // A drill of one member at "the latest group point": the server
+        // turns it into the latest marker every member has.
+        let job = lab.action(
+            "vma",
+            &rebound_api::ActionRequest {
+                point_id: Some("latest-group".into()),
+                ..rebound_api::ActionRequest::new(rebound_api::Action::TestFailover)
+            },
+        )?;
+        let chosen = job.request.point_id.clone().unwrap_or_default();
+        let marker = chosen
+            .strip_prefix("group:")
+            .ok_or_else(|| anyhow::anyhow!("latest-group became {chosen:?}"))?
+            .to_string();
+        anyhow::ensure!(
+            markers("vma")?.contains_key(&marker) && markers("vmb")?.contains_key(&marker),
+            "{marker} is not common to both members"
+        );
+        lab.wait_job(&job, false)?;
         // Read both replicas at each common marker from the journals (the
         // master target's node is stopped so the journals can be opened).
         lab.kill_child("node-recovery");

@@ -1181,6 +1181,17 @@ impl TargetRole {
                 Some(rebound_api::PointChoice::LatestAppConsistent) => {
                     j.latest_app_consistent().cloned().ok_or_else(none)?
                 }
+                Some(rebound_api::PointChoice::Group(m)) => j
+                    .group_point(&m)
+                    .cloned()
+                    .ok_or_else(|| anyhow!("the journal has no group point {m}"))?,
+                Some(rebound_api::PointChoice::LatestGroup) => j
+                    .points()
+                    .iter()
+                    .rev()
+                    .find(|p| p.usable && p.group.is_some())
+                    .cloned()
+                    .ok_or_else(none)?,
                 Some(rebound_api::PointChoice::AtOrBefore(ns)) => {
                     j.latest_at_or_before(ns).cloned().ok_or_else(none)?
                 }

@@ -52,8 +52,38 @@ fn step_percent(s: &JobStep) -> f64 {
 }
 
 /// Start (or refuse) an action on an item.
+/// `latest-group`: the latest group marker that every one of `items` has a
+/// recovery point for (markers are the agreed barrier times), as
+/// `group:MARKER`.
+pub(crate) async fn resolve_latest_group(
+    store: &rebound_store::Store,
+    items: &[String],
+) -> AppResult<String> {
+    let mut common: Option<std::collections::BTreeSet<(u64, String)>> = None;
+    for id in items {
+        let mine: std::collections::BTreeSet<(u64, String)> = store
+            .points(id)
+            .await?
+            .into_iter()
+            .filter_map(|p| p.group_marker)
+            .map(|m| (m.parse().unwrap_or(0), m))
+            .collect();
+        common = Some(match common {
+            None => mine,
+            Some(c) => c.intersection(&mine).cloned().collect(),
+        });
+    }
+    match common.and_then(|c| c.into_iter().next_back()) {
+        Some((_, m)) => Ok(format!("group:{m}")),
+        None => Err(AppError::new(
+            ErrorCode::PointNotFound,
+            format!("no group recovery point is common to {}", items.join(", ")),
+        )),
+    }
+}
+
 #[tracing::instrument(skip(state, req), fields(item = %item_key, action = %req.action))]
-pub async fn submit(state: &AppState, item_key: &str, req: ActionRequest) -> AppResult<Job> {
+pub async fn submit(state: &AppState, item_key: &str, mut req: ActionRequest) -> AppResult<Job> {
     let store = &state.store;
     let _w = store.lock().await;
     let Some(mut item) = store.item(item_key).await? else {
@@ -84,6 +114,24 @@ pub async fn submit(state: &AppState, item_key: &str, req: ActionRequest) -> App
             }
         }
         Decision::Start(t) => {
+            if req.point_id.as_deref().map(PointChoice::parse) == Some(PointChoice::LatestGroup) {
+                let Some(g) = &item.group_id else {
+                    return Err(AppError::new(
+                        ErrorCode::InvalidRequest,
+                        format!(
+                            "item {} is in no replication group: latest-group has no meaning for it",
+                            item.name
+                        ),
+                    ));
+                };
+                let members: Vec<String> = store
+                    .items_in_group(g)
+                    .await?
+                    .into_iter()
+                    .map(|m| m.id)
+                    .collect();
+                req.point_id = Some(resolve_latest_group(store, &members).await?);
+            }
             if let Some(plan_id) = &req.plan_id {
                 let Some(plan) = store.plan(plan_id).await? else {
                     return Err(AppError::new(

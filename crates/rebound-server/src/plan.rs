@@ -54,6 +54,25 @@ pub async fn submit(state: &AppState, plan_key: &str, mut req: ActionRequest) ->
             ));
         }
         req.plan_id = Some(plan.id.clone());
+        // One group point for the whole plan, chosen once: its item jobs
+        // start one after another while points may still arrive.
+        if req.point_id.as_deref().map(rebound_api::PointChoice::parse)
+            == Some(rebound_api::PointChoice::LatestGroup)
+        {
+            let mut ids = Vec::new();
+            for key in plan.steps.iter().flat_map(|s| s.items.iter()) {
+                match state.store.item(key).await? {
+                    Some(i) => ids.push(i.id),
+                    None => {
+                        return Err(AppError::new(
+                            ErrorCode::ItemUnknown,
+                            format!("recovery plan {} names an unknown item {key:?}", plan.name),
+                        ));
+                    }
+                }
+            }
+            req.point_id = Some(crate::engine::resolve_latest_group(&state.store, &ids).await?);
+        }
         let now = time::now();
         let steps = plan
             .steps
