@@ -279,7 +279,10 @@ pub struct Failover {
     sync: Option<SyncMode>,
     #[arg(long)]
     location: Option<Location>,
-    /// Recovery point id (default the latest).
+    /// Recovery point: an id, latest (default), latest-processed,
+    /// latest-app-consistent, latest-group (the latest point common to the
+    /// item's replication group or the plan's items), group:MARKER, or
+    /// at:RFC3339.
     #[arg(long)]
     point: Option<String>,
     #[arg(long)]
