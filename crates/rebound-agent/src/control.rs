@@ -249,16 +249,6 @@ impl StreamControl {
         t
     }
 
-    /// Time until the next agreed group time (for the caller's sleep).
-    pub fn until_next_group(&self, i: &Inputs) -> Option<Duration> {
-        if !i.group || !i.want {
-            return None;
-        }
-        let every = i.crash_every.as_nanos().max(1) as u64;
-        let next = (i.wall_ns / every + 1) * every;
-        Some(Duration::from_nanos(next - i.wall_ns))
-    }
-
     /// Close an app-consistent point (`closes` is crash-consistent when the
     /// freeze hook failed). Returns whether a point closed.
     pub fn app_point(&mut self, now: Instant, closes: Closes) -> bool {

@@ -151,8 +151,8 @@ struct Agent {
     shipper: Shipper,
     /// Dirty-state checkpoints (intent regions leave after idleness).
     _persister: rebound_agent::Persister,
-    /// Time to the next group point, when the item is in a group: the loop
-    /// wakes for it.
+    /// The group point interval, when the item is in a group: the loop
+    /// wakes at its multiples.
     next_group: Option<Duration>,
     /// The item's policy: (policy id, crash-consistent, app-consistent
     /// interval), read again now and then.
@@ -636,19 +636,23 @@ impl Agent {
             if polled {
                 self.do_work();
             }
+            if self.stopped && self.no_longer_needed() {
+                info!("machine stopped and no job needs its disks: agent exits");
+                return Ok(());
+            }
+            // Group points close at agreed times: wake for the next one, and
+            // tick before anything that may wait on the network.
+            let nap = Duration::from_millis(50);
+            std::thread::sleep(self.next_group.map_or(nap, |every| {
+                let every = every.as_nanos().max(1) as u64;
+                Duration::from_nanos(every - now_ns() % every).min(nap)
+            }));
             let before = self.stream.rung();
             self.replicate();
             if self.stream.rung() != before {
                 self.heartbeat();
                 last_hb = Instant::now();
             }
-            if self.stopped && self.no_longer_needed() {
-                info!("machine stopped and no job needs its disks: agent exits");
-                return Ok(());
-            }
-            // Group points close at agreed times: wake for the next one.
-            let nap = Duration::from_millis(50);
-            std::thread::sleep(self.next_group.map_or(nap, |d| d.min(nap)));
         }
         Ok(())
     }
@@ -896,7 +900,7 @@ impl Agent {
         if tick.app_due {
             self.app_point(now);
         }
-        self.next_group = self.stream.until_next_group(&inputs);
+        self.next_group = (inputs.group && want).then_some(inputs.crash_every);
     }
 
     /// Freeze the application, close an app-consistent point, thaw.
