@@ -257,11 +257,21 @@ impl Capture {
     /// point can close now (capture off, overflowed, or a resync still
     /// shipping).
     pub fn barrier(&self, closes: Closes) -> Option<u64> {
-        let mut q = self.lock();
+        let q = self.lock();
         if q.mode != Mode::On || q.resync_pending {
             return None;
         }
-        let at_ns = now_ns();
+        self.push_barrier(q, closes, now_ns())
+    }
+
+    /// Queue a barrier (under the queue's lock, so it is one instant of every
+    /// disk) with a marker per disk.
+    fn push_barrier(
+        &self,
+        mut q: MutexGuard<'_, Queue>,
+        closes: Closes,
+        at_ns: u64,
+    ) -> Option<u64> {
         let markers = self.trackers.iter().map(|t| t.period()).collect();
         let e = Entry::Barrier {
             closes,
@@ -287,27 +297,16 @@ impl Capture {
     /// group's points are closed under causality; writes wait at most
     /// `late + 2 × skew`, once per interval.
     pub fn group_barrier(&self, at_ns: u64, late: Duration, skew: Duration) -> Option<u64> {
-        let mut q = self.lock();
+        let q = self.lock();
         let now = now_ns();
         if q.mode != Mode::On || q.resync_pending || now > at_ns + late.as_nanos() as u64 {
             return None;
         }
-        let markers = self.trackers.iter().map(|t| t.period()).collect();
         self.ack_not_before.store(
             at_ns + late.as_nanos() as u64 + 2 * skew.as_nanos() as u64,
             SeqCst,
         );
-        let e = Entry::Barrier {
-            closes: Closes::Group,
-            at_ns,
-            markers,
-        };
-        q.bytes += e.bytes();
-        q.entries.push_back(e);
-        drop(q);
-        self.stats.barriers.fetch_add(1, SeqCst);
-        self.ready.notify_one();
-        Some(at_ns)
+        self.push_barrier(q, Closes::Group, at_ns)
     }
 
     /// Wait, before acknowledging a captured write, until a group barrier's
