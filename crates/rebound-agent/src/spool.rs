@@ -86,6 +86,16 @@ pub struct Spool {
 impl Spool {
     pub fn start(cfg: SpoolConfig, capture: Arc<Capture>) -> std::io::Result<Spool> {
         rebound_disk::crashsafe::create_dir_all_durable(&cfg.outbox)?;
+        // Files a crash left half-written: their writes are marked, and the
+        // restart that starts every stream ships the marks.
+        for e in std::fs::read_dir(&cfg.outbox)?.flatten() {
+            if e.file_name()
+                .to_str()
+                .is_some_and(|n| n.ends_with(".cs.tmp"))
+            {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
         let last = cfg.last_seq;
         let shared = Arc::new(Shared {
             cfg,

@@ -330,3 +330,42 @@ fn acknowledging_a_point_never_clears_a_later_write() -> R {
     }
     Ok(())
 }
+
+/// A restarted spool drops the half-written file a crash left and numbers
+/// its files above everything the outbox may have used.
+#[test]
+fn a_restarted_spool_starts_above_its_ceiling_and_drops_torn_files() -> R {
+    let dir = tempfile::tempdir()?;
+    let e = export(dir.path(), "d0")?;
+    let t = e.tracker().cloned().ok_or("tracker")?;
+    let capture = Capture::new(vec![t], 1 << 20);
+    let outbox = dir.path().join("outbox");
+    std::fs::create_dir_all(&outbox)?;
+    std::fs::write(outbox.join("00000000000000000007.cs.tmp"), b"torn")?;
+    std::fs::write(rebound_agent::spool::seq_file(&outbox), b"9000")?;
+    let last = rebound_agent::spool::last_seq(&outbox)?;
+    assert_eq!(last, 9000);
+    let spool = Spool::start(
+        SpoolConfig {
+            outbox: outbox.clone(),
+            disks: vec![dir.path().join("d0")],
+            disk_sizes: vec![SIZE],
+            file_cap: 1 << 20,
+            outbox_limit: u64::MAX,
+            last_seq: last,
+        },
+        capture.clone(),
+    )?;
+    assert!(!outbox.join("00000000000000000007.cs.tmp").exists());
+    capture.start();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while spool.last_closed() <= last {
+        assert!(Instant::now() < deadline, "no file closed");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let q = changeset::queued(&outbox)?;
+    assert!(q.first().is_some_and(|(s, _)| *s == 9001), "{q:?}");
+    assert!(changeset::verify(&q[0].1)?.restart);
+    spool.stop();
+    Ok(())
+}
