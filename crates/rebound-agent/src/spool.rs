@@ -399,7 +399,14 @@ impl Spooler {
     fn entry(&mut self, e: Entry) -> std::io::Result<()> {
         match e {
             Entry::Write { disk, offset, data } => {
+                // No file past the cap (a write is at most 32 MiB, a cap
+                // smaller than one write gets one write per file).
                 let cap = self.s.cfg.file_cap;
+                if self.stream.as_ref().is_some_and(|(w, _)| {
+                    w.data_bytes > 0 && w.data_bytes + data.len() as u64 > cap
+                }) {
+                    self.close_stream(Closes::Nothing, now_ns(), None)?;
+                }
                 let w = self.stream_writer()?;
                 w.data(disk, offset, &data)?;
                 if w.data_bytes >= cap {

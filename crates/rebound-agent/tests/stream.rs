@@ -48,6 +48,8 @@ struct Applier {
     points: u64,
     restarts: u64,
     last_point_at: u64,
+    /// The spool's file cap: no file carries more data.
+    cap: u64,
 }
 
 impl Applier {
@@ -65,9 +67,11 @@ impl Applier {
             if h.restart {
                 self.restarts += 1;
             }
+            let mut data_bytes = 0u64;
             changeset::read_records(&p, |r| {
                 match r {
                     Record::Data { disk, offset, data } => {
+                        data_bytes += data.len() as u64;
                         self.replicas[disk as usize].write_all_at(&data, offset)?
                     }
                     Record::Zero { disk, offset, len } => self.replicas[disk as usize]
@@ -75,6 +79,11 @@ impl Applier {
                 }
                 Ok(())
             })?;
+            assert!(
+                data_bytes <= self.cap,
+                "file {} carries {data_bytes} bytes",
+                h.seq
+            );
             if h.closes != Closes::Nothing {
                 let want = snaps
                     .get(&h.barrier_ns)
@@ -157,6 +166,7 @@ fn run(limit: u64, file_cap: u64, rounds: usize) -> R {
         points: 0,
         restarts: 0,
         last_point_at: 0,
+        cap: file_cap,
     };
     for r in &ap.replicas {
         r.set_len(SIZE)?;
