@@ -18,7 +18,7 @@
 //!   lowest sequence number not yet durable, so a reservation still being
 //!   written holds back the files after it.
 
-use crate::capture::{Capture, Entry, Mode};
+use crate::capture::{Capture, Entry, Mode, now_ns};
 use crate::changeset::{self, Closes, Header, Writer};
 use crate::dirty::Marker;
 use rebound_disk::Disk;
@@ -242,13 +242,6 @@ struct Spooler {
     disks: Vec<Option<Disk>>,
     /// Durable bound of the sequence numbers handed out.
     ceiling: u64,
-}
-
-fn now_ns() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
 }
 
 impl Spooler {

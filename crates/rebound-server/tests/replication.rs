@@ -131,14 +131,7 @@ async fn agent_heartbeat(w: &World, replication: Option<ReplicationFacts>) {
             &format!("/components/{}/heartbeat", w.agent.0.component_id),
             &Heartbeat {
                 version: "0.1.0".into(),
-                agent: Some(AgentFacts {
-                    machine: "vm1".into(),
-                    running: true,
-                    suspended: false,
-                    sync_barrier: None,
-                    sync_barrier_ns: None,
-                    replication,
-                }),
+                agent: Some(running_agent(replication)),
                 ..Default::default()
             },
         )

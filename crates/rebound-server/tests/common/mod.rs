@@ -264,14 +264,7 @@ pub async fn heartbeat_all(w: &World) {
         &w.agent,
         Heartbeat {
             version: "0.1.0".into(),
-            agent: Some(AgentFacts {
-                machine: "vm1".into(),
-                running: true,
-                suspended: false,
-                sync_barrier: None,
-                sync_barrier_ns: None,
-                replication: None,
-            }),
+            agent: Some(running_agent(None)),
             ..Default::default()
         },
     )
@@ -435,5 +428,17 @@ impl World {
         let job: Job = self.act(&self.enable_request()).await.ok();
         let job = self.drive(&job.id).await;
         assert_eq!(job.state, JobState::Succeeded, "{job:?}");
+    }
+}
+
+/// The facts of vm1's agent, running, with these replication facts.
+pub fn running_agent(replication: Option<ReplicationFacts>) -> AgentFacts {
+    AgentFacts {
+        machine: "vm1".into(),
+        running: true,
+        suspended: false,
+        sync_barrier: None,
+        sync_barrier_ns: None,
+        replication,
     }
 }
